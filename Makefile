@@ -1,0 +1,77 @@
+# sentiment: fine-tune BERT on IMDb with a plain-PyTorch loop.
+#   make train ARGS="--epochs 1"    the tutorial run (installs first)
+#   make test                       the test suite, offline, CPU (installs first)
+#   make smoke                      a tiny random model end to end, offline, in seconds
+#   make ddp NPROC=2 ARGS="..."     the same training under torchrun (DDP)
+#   make bench / make compare       speed against the HF Trainer / per-step parity with it
+# Everything lives in a virtual environment ($(VENV)); point VENV at an existing one to reuse it.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The PyTorch build to install when the environment has none. On PyPI torch==2.13.0 is the CUDA 12 build
+# for Linux; pick another with e.g. TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu".
+TORCH ?= torch==2.13.0
+ARGS ?=
+NPROC ?= 2
+SHARED ?= ../shared/imdb
+DATA ?= runs/imdb_split
+RUN ?= runs/latest
+
+.PHONY: install install-test train test smoke ddp bench compare data plot clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Metadata lives in setup.cfg alone (no setup.py/pyproject.toml), which pip cannot read directly:
+# setuptools builds an editable wheel from it (code changes apply without reinstalling), pip installs that.
+WHEEL = $$(ls $(VENV)/wheel/sentiment-*.whl)
+
+$(VENV)/.installed: setup.cfg | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH)
+	$(PY) -m pip install "setuptools>=64"
+	rm -rf $(VENV)/wheel
+	$(PY) -c "from setuptools import setup; setup()" -q editable_wheel --dist-dir $(VENV)/wheel
+	$(PY) -m pip install "$(WHEEL)[extras]"
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install "$(WHEEL)[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
+
+train: install
+	$(PY) -m sentiment train $(ARGS)
+
+test: install-test
+	$(PY) -m pytest -q tests
+
+smoke: install
+	rm -rf runs/smoke
+	$(PY) -m sentiment.tiny runs/smoke/tiny
+	$(PY) -m sentiment train --model_name_or_path runs/smoke/tiny/model --data_dir runs/smoke/tiny/data \
+		--n_train 0 --n_test 0 --val_fraction 0.25 --max_length 64 --epochs 4 --lr 3e-3 \
+		--output_dir runs/smoke/run --log_every 10 $(ARGS)
+	$(PY) -m sentiment predict --model_name_or_path runs/smoke/run/model "A wonderful, moving film." "Awful and boring."
+
+ddp: install
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m sentiment train $(ARGS)
+
+# A held-out test file carved from ../shared's train split (which has no test split on purpose).
+data: install
+	$(PY) scripts/split_data.py --input $(SHARED)/train.parquet --output_dir $(DATA)
+
+bench: install-test
+	$(PY) scripts/benchmark.py $(ARGS)
+
+compare: install-test
+	$(PY) scripts/compare_with_trainer.py $(ARGS)
+
+plot: install
+	$(PY) -m sentiment plot $(RUN)
+
+clean:
+	rm -rf runs/smoke .pytest_cache

@@ -1,0 +1,217 @@
+"""The one run configuration: a frozen, typed dataclass, its presets, and how it is built.
+
+Precedence: field defaults < `--preset NAME` < `--config FILE.json` < `--field value` flags.
+The defaults reproduce the Hugging Face Trainer tutorial (bert-base-uncased on IMDb,
+1000 train / 500 test reviews, 3 epochs, lr 5e-5, batch 8, linear decay, no warmup).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+
+class SentimentError(Exception):
+    """Any problem a user can fix (bad flag, file, data, checkpoint): the CLI prints its message as one
+    line and exits nonzero, without a traceback."""
+
+
+class ConfigError(SentimentError, ValueError):
+    """A bad config value, key or file: the message names the problem and the fix."""
+
+
+TRUNCATIONS = ("head", "tail", "head_tail")
+PADDINGS = ("dynamic", "max_length")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+REPORT_TO = ("none", "tensorboard")
+DATASET_ALIASES = {"imdb": "stanfordnlp/imdb"}  # the tutorial's bare id; the hub now wants namespace/name
+
+
+@dataclass(frozen=True)
+class Config:
+    # data
+    dataset: str = "stanfordnlp/imdb"  # hub dataset name ("imdb" is an alias); unused when a local source is given
+    train_file: str = ""  # local parquet/CSV/JSONL with `text` and `label` columns (overrides `dataset`)
+    test_file: str = ""  # local file for the test split, same format
+    data_dir: str = ""  # an extracted aclImdb folder, or a folder holding train.* and test.* files
+    n_train: int = 1000  # reviews drawn from train (shuffled with `seed`, as the tutorial does); 0 = all
+    n_test: int = 500  # reviews drawn from test, likewise; 0 = all
+    val_fraction: float = 0.0  # share of the n_train reviews held out (stratified) for model selection; 0 = off
+    max_length: int = 512  # tokens per review, [CLS] and [SEP] included
+    truncation: str = "head"  # head | tail | head_tail (first 128 + last max_length-130 tokens, Sun et al. 2019)
+    padding: str = "dynamic"  # dynamic (to the longest in the batch) | max_length (the tutorial's, wastes ~46%)
+    group_by_length: bool = True  # batch reviews of similar length (still shuffled); cuts padding to <3%
+    shuffle: bool = True  # shuffle the training order each epoch; off only for debugging and parity checks
+
+    # model
+    model_name_or_path: str = "bert-base-uncased"  # hub name or a local folder (config, weights, tokenizer)
+    dropout: float = -1.0  # hidden and attention dropout; -1 = the model's own (0.1 for BERT)
+    gradient_checkpointing: bool = False  # recompute activations in backward: ~30% slower, far less memory
+
+    # optimization
+    epochs: int = 3  # passes over the training set
+    micro_batch_size: int = 8  # reviews per forward/backward on each process
+    grad_accum_steps: int = 1  # micro-batches per optimizer step; global batch = micro x accum x world size
+    eval_batch_size: int = 32  # reviews per forward in evaluation
+    lr: float = 5e-5  # peak learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW decoupled decay; never applied to biases and LayerNorm weights
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    warmup_ratio: float = 0.0  # share of optimizer steps with linear warmup from 0 (then linear decay to 0)
+    max_grad_norm: float = 1.0  # clip the global gradient L2 norm to this; 0 = no clipping
+    seed: int = 42  # subset selection, shuffling, head init and dropout
+
+    # system
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: fastest safe mode for the device, printed)
+    compile: bool = False  # torch.compile the model; pads lengths to multiples of 64 to bound recompiles
+    num_workers: int = 0  # DataLoader worker processes; collation is cheap, so 0 is usually fastest
+    output_dir: str = "runs/latest"  # where config, metrics, checkpoints and the model go
+    overwrite: bool = False  # allow reusing an output_dir that already holds a finished or started run
+    log_every: int = 10  # print a log line every N optimizer steps (metrics.jsonl gets every step); 0 = never
+    save_every: int = 0  # checkpoint every N optimizer steps, besides every epoch end; 0 = epoch ends only
+    keep_last: int = 1  # checkpoints kept besides the best one (each ~3x the model's size: weights + Adam)
+    resume: str = ""  # "" = fresh run | auto = newest valid checkpoint in output_dir | a checkpoint path
+    max_bad_steps: int = 5  # stop after this many consecutive non-finite steps (fp32/bf16)
+    report_to: str = "none"  # none | tensorboard (needs the `tensorboard` package)
+
+    def __post_init__(self) -> None:
+        for name, low in (("n_train", 0), ("n_test", 0), ("num_workers", 0), ("log_every", 0),
+                          ("save_every", 0), ("keep_last", 1), ("seed", 0)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= {low}")
+        for name in ("epochs", "micro_batch_size", "grad_accum_steps", "eval_batch_size",
+                     "max_bad_steps", "max_length"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
+        if not self.lr > 0:
+            raise ConfigError(f"lr={self.lr} must be > 0 (typical for BERT fine-tuning: 2e-5 to 5e-5)")
+        if self.max_length < 8:
+            raise ConfigError(f"max_length={self.max_length} is too short; use at least 8 (BERT allows 512)")
+        if self.weight_decay < 0 or self.max_grad_norm < 0 or self.adam_eps <= 0:
+            raise ConfigError("weight_decay and max_grad_norm must be >= 0 and adam_eps > 0")
+        for name in ("val_fraction", "warmup_ratio"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1)")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1)")
+        if not (self.dropout == -1.0 or 0.0 <= self.dropout < 1.0):
+            raise ConfigError(f"dropout={self.dropout} must be in [0, 1), or -1 for the model's own")
+        for name, allowed in (("truncation", TRUNCATIONS), ("padding", PADDINGS),
+                              ("precision", PRECISIONS), ("report_to", REPORT_TO)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or _is_cuda_index(self.device)):
+            raise ConfigError(f"device={self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+        if self.truncation == "head_tail" and self.max_length < 132:
+            raise ConfigError(f"truncation=head_tail keeps 128 head tokens and needs max_length >= 132 "
+                              f"(got {self.max_length}); use truncation=head or a larger max_length")
+        if not self.output_dir:
+            raise ConfigError("output_dir must not be empty")
+
+    @property
+    def dataset_id(self) -> str:
+        """The hub id to load, with the tutorial's bare `imdb` mapped to `stanfordnlp/imdb`."""
+        return DATASET_ALIASES.get(self.dataset, self.dataset)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _is_cuda_index(device: str) -> bool:
+    head, _, index = device.partition(":")
+    return head == "cuda" and index.isdigit()
+
+
+# Named recipes: each is a partial dict of fields applied over the defaults.
+PRESETS: dict[str, dict] = {
+    # The Hugging Face tutorial, exactly: the defaults above.
+    "tutorial": {},
+    # The tutorial's data and hyperparameters, but select the model on a held-out 10% of train.
+    "tutorial_val": {"val_fraction": 0.1},
+    # A full-data fine-tune: all 25,000 reviews, 10% held out, warmup as in the BERT paper's recipes.
+    "full": {"n_train": 0, "n_test": 0, "val_fraction": 0.1, "epochs": 2, "lr": 2e-5,
+             "micro_batch_size": 16, "warmup_ratio": 0.06, "weight_decay": 0.01},
+}
+
+
+def _field_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in fields(Config)}
+
+
+def coerce(name: str, value: object) -> object:
+    """Convert a CLI string or a JSON value to the type of field `name`."""
+    kind = _field_types()[name]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{name} expects true or false, got {value!r}")
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise ConfigError(f"--{name} expects an integer, got {value!r}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--{name} expects {kind.__name__}, got {value!r}") from None
+
+
+def _check_keys(keys, source: str) -> None:
+    names = [f.name for f in fields(Config)]
+    for key in keys:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {close[0]}?" if close else "; see `sentiment train --help`"
+            raise ConfigError(f"unknown config key {key!r} in {source}{hint}")
+
+
+def load_config_file(path: str) -> dict:
+    """Read a JSON config file (a previous run's config.json works too)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist; check the path") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"config file {path} is not readable JSON ({e}); fix or remove it") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object of field: value")
+    return data
+
+
+def build_config(preset: str = "", config_file: str = "", overrides: dict | None = None) -> Config:
+    """Defaults < preset < config file < overrides (already parsed CLI flags, as strings or values)."""
+    values: dict = {}
+    if preset:
+        if preset not in PRESETS:
+            close = difflib.get_close_matches(preset, list(PRESETS), n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ConfigError(f"unknown preset {preset!r}; {hint}choose one of {', '.join(PRESETS)}")
+        values.update(PRESETS[preset])
+    for source, layer in ((config_file, load_config_file(config_file) if config_file else {}),
+                          ("the command line", overrides or {})):
+        _check_keys(layer, source)
+        values.update(layer)
+    return Config(**{k: coerce(k, v) for k, v in values.items()})
+
+
+# Fields that change nothing about the numbers a run computes: a resume may change them freely.
+RESUME_SAFE_FIELDS = frozenset({
+    "resume", "output_dir", "overwrite", "num_workers", "log_every", "save_every", "keep_last",
+    "eval_batch_size", "report_to", "max_bad_steps", "test_file", "n_test",
+})
+
+
+def resume_conflicts(saved: dict, cfg: Config) -> list[str]:
+    """Fields whose value differs between a checkpoint's config and this run, and that matter."""
+    now = cfg.to_dict()
+    return sorted(k for k in now if k not in RESUME_SAFE_FIELDS and saved.get(k) != now[k])

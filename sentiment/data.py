@@ -1,0 +1,340 @@
+"""IMDb reviews from the hub or local files, to tokenized splits, to batches.
+
+Reading (hub, parquet/CSV/JSONL, an aclImdb folder), checking, subsampling as the tutorial
+does, a stratified validation split, truncation strategies, cached tokenization with
+`datasets.map`, length-grouped global batches, and the dynamic-padding collate function.
+No device moves and no dtype choices here: that is engine.py's job.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sentiment.config import Config, SentimentError
+
+LABEL_NAMES = ("neg", "pos")
+FILE_READERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
+HEAD_TOKENS = 128  # head_tail keeps this many leading tokens (Sun et al. 2019, "How to Fine-Tune BERT")
+MEGA_BATCH = 50  # length grouping sorts within windows of 50 global batches: random, yet little padding
+
+
+class DataError(SentimentError, ValueError):
+    """Bad or missing data: the message names the file, the problem and the fix."""
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_file(path: str):
+    """One local parquet/CSV/JSONL file as a `datasets.Dataset` (cached by `datasets`)."""
+    import datasets
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data file {path} does not exist; check the path")
+    reader = FILE_READERS.get(p.suffix.lower())
+    if reader is None:
+        raise DataError(f"data file {path}: unknown format {p.suffix!r}; use .parquet, .csv or .jsonl")
+    try:
+        return datasets.load_dataset(reader, data_files=str(p.resolve()), split="train")
+    except Exception as e:  # noqa: BLE001 - pyarrow/datasets raise many types for a bad file
+        cause = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) or "utf-8" in str(e).lower() else (
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        raise DataError(f"data file {path} could not be read as {reader} ({cause}); "
+                        "fix or re-export the file") from None
+
+
+def read_acl_imdb(folder: Path, split: str):
+    """The original aclImdb layout: SPLIT/pos/*.txt and SPLIT/neg/*.txt, one review per file."""
+    import datasets
+
+    texts, labels = [], []
+    for label, name in enumerate(LABEL_NAMES):
+        for f in sorted((folder / split / name).glob("*.txt")):
+            try:
+                texts.append(f.read_text(encoding="utf-8"))
+            except UnicodeDecodeError:
+                raise DataError(f"{f} is not UTF-8 text; re-encode it") from None
+            labels.append(label)
+    if not texts:
+        raise DataError(f"{folder / split} has no pos/*.txt or neg/*.txt reviews; check --data_dir")
+    return datasets.Dataset.from_dict({"text": texts, "label": labels})
+
+
+def read_data_dir(data_dir: str, split: str):
+    folder = Path(data_dir)
+    if not folder.is_dir():
+        raise DataError(f"data_dir {data_dir} is not a folder; check the path")
+    if (folder / split / "pos").is_dir():
+        return read_acl_imdb(folder, split)
+    for suffix in FILE_READERS:
+        if (folder / f"{split}{suffix}").is_file():
+            return read_file(str(folder / f"{split}{suffix}"))
+    raise DataError(f"data_dir {data_dir} has neither {split}/pos/*.txt (aclImdb) nor "
+                    f"{split}.parquet/.csv/.jsonl; put the {split} split there")
+
+
+def read_hub(dataset_id: str, split: str):
+    import datasets
+
+    try:
+        return datasets.load_dataset(dataset_id, split=split)
+    except Exception as e:  # noqa: BLE001 - network, auth and missing-repo errors all land here
+        raise DataError(f"could not load {dataset_id!r} split {split!r} from the Hugging Face hub "
+                        f"({type(e).__name__}); offline, pass --train_file/--test_file or --data_dir") from None
+
+
+def read_split(cfg: Config, split: str):
+    """The raw `train` or `test` split from whichever source the config names."""
+    file = cfg.train_file if split == "train" else cfg.test_file
+    if file:
+        ds = read_file(file)
+    elif cfg.data_dir:
+        ds = read_data_dir(cfg.data_dir, split)
+    elif cfg.train_file or cfg.test_file:
+        raise DataError(f"no {split} data: --{'test' if split == 'test' else 'train'}_file is missing "
+                        "(../shared-style folders have only train: carve a test file with scripts/split_data.py)")
+    else:
+        ds = read_hub(cfg.dataset_id, split)
+    return check_split(ds, file or cfg.data_dir or cfg.dataset_id)
+
+
+def check_split(ds, source: str):
+    """Require `text` and `label`; map string labels neg/pos; refuse empty texts and bad labels."""
+    missing = [c for c in ("text", "label") if c not in ds.column_names]
+    if missing:
+        raise DataError(f"{source} lacks column(s) {', '.join(missing)} (has {', '.join(ds.column_names)}); "
+                        "rename them to text and label")
+    if len(ds) == 0:
+        raise DataError(f"{source} holds no rows")
+    for row, text in enumerate(ds["text"]):
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{source} row {row}: empty or missing text; remove the row or fill it in")
+    labels = [normalize_label(v, source, row) for row, v in enumerate(ds["label"])]
+    return ds.select_columns(["text"]).add_column("label", labels)
+
+
+def normalize_label(value, source: str, row: int) -> int:
+    """0/1, or the strings neg/pos (also negative/positive, case-insensitive), to 0/1."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        for label, names in enumerate((("neg", "negative", "0"), ("pos", "positive", "1"))):
+            if text in names:
+                return label
+    elif isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value in (0, 1):
+        return int(value)
+    raise DataError(f"{source} row {row}: label {value!r} is not 0/1 or neg/pos; "
+                    "this is a binary task (unlabeled rows, label -1, cannot train)")
+
+
+# ----------------------------------------------------------------------------- subsets
+
+
+def take(ds, n: int, seed: int, what: str):
+    """The tutorial's subset: `ds.shuffle(seed).select(range(n))`, so the same reviews; n=0 = all."""
+    if n == 0:
+        return ds
+    if n > len(ds):
+        raise DataError(f"--{what} {n} is larger than the {len(ds)} reviews available; "
+                        f"use --{what} {len(ds)} or 0 for all")
+    return ds.shuffle(seed=seed).select(range(n))
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train_idx, val_idx): a seeded split that keeps the label balance in both parts."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(labels))
+    n_val = int(round(fraction * len(labels)))
+    if n_val < 2 or len(labels) - n_val < 2:
+        raise DataError(f"val_fraction={fraction} of {len(labels)} reviews leaves too few for a split; "
+                        "raise n_train or val_fraction")
+    train_idx, val_idx = train_test_split(idx, test_size=n_val, stratify=labels, random_state=seed)
+    return np.sort(train_idx), np.sort(val_idx)
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+def truncate_ids(ids: list[int], max_length: int, strategy: str, cls_id: int, sep_id: int) -> list[int]:
+    """[CLS] + the kept tokens + [SEP], at most max_length long.
+
+    head keeps the start, tail the end, head_tail the first 128 and the last max_length-130
+    tokens (the best of the strategies in Sun et al. 2019 for long IMDb reviews)."""
+    budget = max_length - 2
+    if len(ids) > budget:
+        if strategy == "head":
+            ids = ids[:budget]
+        elif strategy == "tail":
+            ids = ids[len(ids) - budget:]
+        elif strategy == "head_tail":
+            ids = ids[:HEAD_TOKENS] + ids[len(ids) - (budget - HEAD_TOKENS):]
+        else:
+            raise ValueError(f"unknown truncation {strategy!r}")
+    return [cls_id, *ids, sep_id]
+
+
+def _tokenize_batch(batch: dict, tokenizer, max_length: int, strategy: str) -> dict:
+    # tokenize the whole review, then truncate ourselves: the fast tokenizer cannot keep head and tail
+    encoded = tokenizer(batch["text"], add_special_tokens=False, truncation=False, verbose=False)
+    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+    return {"input_ids": [truncate_ids(ids, max_length, strategy, cls_id, sep_id)
+                          for ids in encoded["input_ids"]]}
+
+
+@dataclass(frozen=True)
+class TokenizedSplit:
+    """A split as flat token ids: review i is tokens[offsets[i]:offsets[i+1]] (no Python lists)."""
+
+    tokens: np.ndarray  # (total_tokens,) int32
+    offsets: np.ndarray  # (n + 1,) int64
+    labels: np.ndarray  # (n,) int64
+    texts: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def ids(self, i: int) -> np.ndarray:
+        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+
+def tokenize(ds, tokenizer, max_length: int, truncation: str) -> TokenizedSplit:
+    """Tokenize once with cached, batched `datasets.map` (a rerun reads the cache), then pull the
+    ragged ids out of Arrow as one flat array plus offsets (zero-copy, ~0.1 s for 25k reviews)."""
+    fn = functools.partial(_tokenize_batch, tokenizer=tokenizer, max_length=max_length, strategy=truncation)
+    out = ds.map(fn, batched=True, batch_size=1000, desc="tokenize")
+    column = out.data.column("input_ids").combine_chunks()
+    offsets = column.offsets.to_numpy().astype(np.int64)
+    tokens = column.values.to_numpy().astype(np.int32)
+    return TokenizedSplit(tokens=tokens[offsets[0]:offsets[-1]], offsets=offsets - offsets[0],
+                          labels=np.asarray(ds["label"], dtype=np.int64), texts=list(ds["text"]))
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: TokenizedSplit
+    val: TokenizedSplit | None  # None when val_fraction == 0
+    test: TokenizedSplit
+
+
+def load_splits(cfg: Config, tokenizer) -> Splits:
+    """Read, check, subsample and tokenize train / val / test as the config says."""
+    train = take(read_split(cfg, "train"), cfg.n_train, cfg.seed, "n_train")
+    test = take(read_split(cfg, "test"), cfg.n_test, cfg.seed, "n_test")
+    val = None
+    if cfg.val_fraction > 0:
+        train_idx, val_idx = stratified_split(np.asarray(train["label"]), cfg.val_fraction, cfg.seed)
+        train, val = train.select(train_idx), train.select(val_idx)
+    tok = functools.partial(tokenize, tokenizer=tokenizer, max_length=cfg.max_length, truncation=cfg.truncation)
+    return Splits(train=tok(train), val=tok(val) if val is not None else None, test=tok(test))
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def global_batches(lengths: np.ndarray, global_batch: int, seed: int, epoch: int,
+                   shuffle: bool = True, group_by_length: bool = True) -> list[np.ndarray]:
+    """One epoch's global batches of example indices, the same on every rank.
+
+    With length grouping: shuffle, cut into windows of MEGA_BATCH global batches, sort each window
+    by length, cut into batches, shuffle the batches. Reviews in a batch have similar lengths (little
+    padding) while the epoch stays random. Seeded by (seed, epoch): each epoch differs, any rank or
+    resumed run recomputes the same order. The last batch may be short."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths)) if shuffle else np.arange(len(lengths))
+    if group_by_length:
+        window = MEGA_BATCH * global_batch
+        order = np.concatenate([w[np.argsort(-lengths[w], kind="stable")]
+                                for w in np.split(order, range(window, len(order), window))])
+    batches = np.split(order, range(global_batch, len(order), global_batch))
+    if group_by_length and shuffle:
+        # keep the short last batch last, so only the final step of an epoch has fewer samples
+        head = [batches[i] for i in rng.permutation(len(batches) - 1)]
+        batches = head + batches[-1:]
+    return batches
+
+
+def micro_batches(batch: np.ndarray, world_size: int, accum: int, rank: int) -> list[list[tuple[int, float]]]:
+    """This rank's `accum` micro-batches of one global batch, as (index, weight) pairs.
+
+    Slot k = micro_step * world_size + rank takes the k-th contiguous chunk (similar lengths when the
+    batch is length-sorted). weight = 1/len(batch), so summing weight x loss over every micro-batch of
+    every rank gives the exact mean over the global batch however it is split. A slot left empty by a
+    short last batch gets one weight-0 stand-in, so every rank still runs the same forward/backward
+    count and DDP's all-reduce never waits on a rank with nothing to do."""
+    chunks = np.array_split(batch, world_size * accum)
+    weight = 1.0 / len(batch)
+    out = []
+    for micro_step in range(accum):
+        chunk = chunks[micro_step * world_size + rank]
+        if len(chunk):
+            out.append([(int(i), weight) for i in chunk])
+        else:
+            out.append([(int(batch[0]), 0.0)])
+    return out
+
+
+def pad_multiple(cfg: Config) -> int:
+    """Pad lengths to a multiple of 8 (tensor-core tiles); of 64 under torch.compile, so at most
+    eight distinct shapes up to 512 get compiled."""
+    return 64 if cfg.compile else 8
+
+
+class ReviewDataset(torch.utils.data.Dataset):
+    """Indexed by (example index, loss weight) keys, as produced by `micro_batches`."""
+
+    def __init__(self, split: TokenizedSplit):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key: tuple[int, float]) -> tuple[np.ndarray, int, float]:
+        i, weight = key
+        return self.split.ids(i), int(self.split.labels[i]), weight
+
+
+@dataclass(frozen=True)
+class Collator:
+    """Pads a list of (ids, label, weight) to one batch of tensors (pad id 0 = BERT's [PAD])."""
+
+    pad_id: int = 0
+    multiple: int = 8  # round the padded length up to this
+    max_length: int = 512
+    pad_to_max: bool = False  # padding=max_length: every batch is max_length wide, as in the tutorial
+
+    def __call__(self, items: list[tuple[np.ndarray, int, float]]) -> dict[str, torch.Tensor]:
+        longest = max(len(ids) for ids, _, _ in items)
+        width = self.max_length if self.pad_to_max else min(
+            -(-longest // self.multiple) * self.multiple, max(longest, self.max_length))
+        input_ids = np.full((len(items), width), self.pad_id, dtype=np.int64)
+        attention_mask = np.zeros((len(items), width), dtype=np.int64)
+        for row, (ids, _, _) in enumerate(items):
+            input_ids[row, :len(ids)] = ids
+            attention_mask[row, :len(ids)] = 1
+        return {"input_ids": torch.from_numpy(input_ids),
+                "attention_mask": torch.from_numpy(attention_mask),
+                "labels": torch.tensor([label for _, label, _ in items], dtype=torch.long),
+                "weights": torch.tensor([w for _, _, w in items], dtype=torch.float32)}
+
+
+def collator(cfg: Config, pad_id: int) -> Collator:
+    return Collator(pad_id=pad_id, multiple=pad_multiple(cfg), max_length=cfg.max_length,
+                    pad_to_max=cfg.padding == "max_length")
+
+
+def eval_batches(lengths: np.ndarray, batch_size: int, world_size: int, rank: int) -> list[list[tuple[int, float]]]:
+    """This rank's evaluation batches: examples sorted by length (least padding), batch b going to
+    rank b % world_size, so each example is evaluated exactly once across ranks."""
+    order = np.argsort(-lengths, kind="stable")
+    batches = np.split(order, range(batch_size, len(order), batch_size))
+    return [[(int(i), 1.0) for i in b] for b in batches[rank::world_size]]

@@ -1,0 +1,325 @@
+"""Everything about where and how the math runs: device, precision, seeding, processes.
+
+This is the only module that mentions CUDA, MPS, autocast, GradScaler, ranks and DDP.
+`setup_engine()` decides once and prints every automatic choice with its reason; the rest
+of the code asks the returned `Engine` (`engine.autocast()`, `engine.wrap(model)`, ...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import random
+import resource
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from sentiment.config import ConfigError
+
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Dense bf16/fp16 tensor-core peaks (FLOP/s, no sparsity) for the MFU figure; matched by substring
+# of torch.cuda.get_device_name(). Sources: NVIDIA data sheets (H100 SXM5, H200, A100, L4, ...).
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12,
+              "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+@dataclass(frozen=True)
+class Engine:
+    device: torch.device
+    precision: str  # fp32 | bf16 | fp16 (resolved, never "auto")
+    rank: int = 0  # global rank under torchrun, else 0
+    local_rank: int = 0  # rank within this node: picks the GPU
+    world_size: int = 1  # processes in the job
+    decisions: tuple[str, ...] = field(default=())  # "name=value (reason)" lines, for the run header
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return AMP_DTYPES[self.precision]
+
+    def print(self, *args, **kwargs) -> None:
+        """print() on rank 0 only, flushed so logs interleave correctly under torchrun and SLURM."""
+        if self.is_main:
+            print(*args, **kwargs, flush=True)
+
+    def autocast(self):
+        """Mixed-precision context for forward passes; a no-op under fp32."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """Loss scaling for fp16 (its range is too narrow for small gradients); disabled otherwise,
+        and a disabled scaler's scale/unscale_/step/update are plain pass-throughs."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # non_blocking copies overlap with compute; they need pinned host memory (see pin_memory)
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    @property
+    def pin_memory(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def fused_adamw(self) -> bool:
+        """One kernel for the whole AdamW update instead of a dozen per parameter (CPU and CUDA)."""
+        return self.device.type in ("cuda", "cpu")
+
+    def wrap(self, model: torch.nn.Module, compile: bool = False) -> torch.nn.Module:
+        """Move to the device, optionally torch.compile, and wrap in DDP when distributed."""
+        model = model.to(self.device)
+        if compile:
+            # lengths are padded to multiples of 64 (see data.pad_multiple), so at most 8 shapes per
+            # batch size: compile each statically rather than paying for dynamic-shape kernels
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            model = torch.compile(model, dynamic=False)
+        if self.distributed:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            model = DDP(model, device_ids=device_ids)
+        return model
+
+    @staticmethod
+    def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+        """The plain model under DDP and torch.compile wrappers (for saving and evaluation)."""
+        if isinstance(model, DDP):
+            model = model.module
+        return getattr(model, "_orig_mod", model)
+
+    def no_sync(self, model: torch.nn.Module, sync: bool):
+        """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulation group."""
+        if self.distributed and not sync:
+            return model.no_sync()
+        return contextlib.nullcontext()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_gather_objects(self, obj: object) -> list:
+        """Every rank's `obj`, in rank order (small Python objects only: it pickles them)."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: object) -> object:
+        """Rank 0's `obj` on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on any (e.g. one rank got SIGTERM): ranks must agree
+        on when to stop, or the others would wait forever in the next all-reduce."""
+        if not self.distributed:
+            return flag
+        device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        t = torch.tensor([float(flag)], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    @contextlib.contextmanager
+    def main_process_first(self):
+        """Rank 0 runs the block first (e.g. filling a cache); the other ranks run it after."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def synchronize(self) -> None:
+        """Wait for queued device work, so wall-clock timings measure it (a CPU-GPU sync)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def reset_peak_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_memory_mb(self) -> float:
+        """Peak allocated device memory on CUDA; peak resident set size of this process on CPU."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+    def peak_flops(self) -> float | None:
+        """The device's dense peak FLOP/s at this precision, for MFU; None where unknown (CPU)."""
+        if self.device.type != "cuda":
+            return None
+        name = torch.cuda.get_device_name(self.device)
+        peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+        if peak is not None and self.precision == "fp32":
+            peak /= 2  # TF32 tensor cores run at half the bf16 rate
+        return peak
+
+    def is_oom(self, error: BaseException) -> bool:
+        return isinstance(error, torch.OutOfMemoryError)
+
+    def rng_state(self) -> dict:
+        """Every RNG this process draws from: Python, NumPy, torch CPU and this process's CUDA device."""
+        state = {"python": random.getstate(), "numpy": np.random.get_state(),
+                 "torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def set_rng_state(self, state: dict) -> None:
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+
+    def close(self) -> None:
+        """Tear down the process group (call on success and on error)."""
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices). Every rank uses the same seed, so the model's
+    random classifier head starts identical everywhere (DDP also broadcasts rank 0's weights)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 autocast
+    is emulated and slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = f.read()
+        except OSError:
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_device(requested: str, local_rank: int) -> tuple[torch.device, str]:
+    """The device to run on, and why."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank), "auto: CUDA is available"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps"), "auto: Apple MPS is available"
+        return torch.device("cpu"), "auto: no CUDA or MPS device found"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={requested} but CUDA is not available here; use --device cpu or auto")
+        index = int(requested.partition(":")[2] or local_rank)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device={requested} but only {torch.cuda.device_count()} CUDA device(s) are "
+                               "visible; pick a lower index or check CUDA_VISIBLE_DEVICES")
+        return torch.device("cuda", index), "requested"
+    if requested == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("device=mps but MPS is not available here; use --device cpu or auto")
+    return torch.device(requested), "requested"
+
+
+def resolve_precision(requested: str, device: torch.device) -> tuple[str, str]:
+    """fp32 | bf16 | fp16 for this device, and why. `auto` picks the fastest mode that is safe."""
+    if device.type == "cuda":
+        bf16_ok = torch.cuda.is_bf16_supported(including_emulation=False)
+        if requested == "auto":
+            if bf16_ok:
+                return "bf16", "auto: CUDA device supports bf16"
+            return "fp16", "auto: CUDA device lacks bf16 (pre-Ampere); fp16 with loss scaling"
+        if requested == "bf16" and not bf16_ok:
+            raise ConfigError("precision=bf16 but this GPU has no bf16 support; use --precision fp16 or fp32")
+        return requested, "requested"
+    if device.type == "cpu":
+        native = cpu_has_native_bf16()
+        if requested == "auto":
+            if native:
+                return "bf16", "auto: CPU has native bf16 (AVX512-BF16/AMX)"
+            return "fp32", "auto: CPU lacks native bf16, emulated bf16 would be slower"
+        if requested == "fp16":
+            raise ConfigError("precision=fp16 needs a CUDA GPU; on CPU use --precision bf16 or fp32")
+        if requested == "bf16" and not native:
+            return "bf16", "requested (warning: this CPU emulates bf16, expect it slower than fp32)"
+        return requested, "requested"
+    # mps: bf16/fp16 autocast support varies by macOS version; fp32 always works
+    if requested == "auto":
+        return "fp32", "auto: MPS autocast support varies by macOS version; fp32 is safe"
+    return requested, "requested"
+
+
+def setup_engine(device: str = "auto", precision: str = "auto", seed: int = 0) -> Engine:
+    """Decide device, precision and process group once; print each decision and its reason.
+
+    Under `torchrun` (RANK/LOCAL_RANK/WORLD_SIZE set) this joins the process group: nccl on CUDA,
+    gloo on CPU. A plain `python -m sentiment` stays a single process with no process group.
+    """
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    dev, dev_why = resolve_device(device, local_rank)
+    decisions = [f"device={dev} ({dev_why})"]
+    if world_size > 1:
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)  # bind this rank to its GPU before NCCL creates its communicator
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30),
+                                    device_id=dev if dev.type == "cuda" else None)
+        decisions.append(f"distributed=DDP world_size={world_size} backend={backend} "
+                         "(torchrun environment found)")
+    elif dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    prec, prec_why = resolve_precision(precision, dev)
+    decisions.append(f"precision={prec} ({prec_why})")
+    if prec == "fp16":
+        decisions.append("grad_scaler=on (fp16 gradients underflow without loss scaling)")
+    if dev.type == "cuda":
+        # TF32 matmuls: ~8x the fp32 rate on Ampere+ with a 10-bit mantissa, ample for fine-tuning
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        decisions.append("tf32=on (CUDA: fp32 matmuls run on tensor cores)")
+    if dev.type == "cpu" and world_size > 1:
+        # torchrun sets OMP_NUM_THREADS=1; give each rank its share of the cores instead
+        threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+        torch.set_num_threads(threads)
+        decisions.append(f"threads={threads} per rank (CPU cores split between local ranks)")
+    seed_everything(seed)
+    engine = Engine(device=dev, precision=prec, rank=rank, local_rank=local_rank,
+                    world_size=world_size, decisions=tuple(decisions))
+    for line in decisions:
+        engine.print(f"engine: {line}")
+    return engine
+
+
+def environment_summary(engine: Engine) -> dict:
+    """Library versions and the device name, for the run header and config.json."""
+    import transformers  # local import: only needed for the header
+
+    name = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else (
+        engine.device.type)
+    return {"python": sys.version.split()[0], "torch": torch.__version__,
+            "transformers": transformers.__version__, "device_name": name,
+            "world_size": engine.world_size}

@@ -1,0 +1,82 @@
+"""Model and tokenizer construction, and AdamW's parameter groups."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sentiment.config import SentimentError
+from sentiment.data import LABEL_NAMES
+
+
+class ModelError(SentimentError, ValueError):
+    """The model or tokenizer could not be loaded: the message says what to pass instead."""
+
+
+def _load_error(name: str, what: str, e: Exception) -> ModelError:
+    where = "the local folder" if Path(name).is_dir() else "the Hugging Face hub"
+    fix = ("check that it holds config.json, the weights and the tokenizer files" if Path(name).is_dir()
+           else "offline, pass --model_name_or_path /path/to/a/local/model/folder")
+    return ModelError(f"could not load the {what} {name!r} from {where} ({type(e).__name__}); {fix}")
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name, use_fast=True)
+    except Exception as e:  # noqa: BLE001 - OSError, ValueError, HTTP errors...
+        raise _load_error(name, "tokenizer", e) from None
+
+
+def load_model(name: str, dropout: float = -1.0, gradient_checkpointing: bool = False):
+    """A sequence classifier with 2 labels named neg/pos, on SDPA attention (fused kernels).
+
+    The classification head is new (randomly initialised from the current torch seed) when the
+    checkpoint is a plain encoder such as bert-base-uncased."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    try:
+        config = AutoConfig.from_pretrained(
+            name, num_labels=2, id2label=dict(enumerate(LABEL_NAMES)),
+            label2id={n: i for i, n in enumerate(LABEL_NAMES)})
+    except Exception as e:  # noqa: BLE001
+        raise _load_error(name, "model config", e) from None
+    if dropout >= 0:
+        for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
+            if hasattr(config, key):
+                setattr(config, key, dropout)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "some weights were newly initialized": expected, the head is new
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(name, config=config, attn_implementation="sdpa")
+    except Exception as e:  # noqa: BLE001
+        raise _load_error(name, "model", e) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if gradient_checkpointing:
+        # non-reentrant checkpointing works with DDP and with inputs that need no grad
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def max_positions(model) -> int:
+    """The longest input the model's position embeddings allow (512 for BERT)."""
+    return int(getattr(model.config, "max_position_embeddings", 512))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: biases and LayerNorm weights (all 1-D tensors) get no weight decay, as in
+    BERT's original optimizer and the Trainer."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def count_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(all parameters, non-embedding parameters): the latter drive the 6N FLOPs/token estimate."""
+    total = sum(p.numel() for p in model.parameters())
+    embed = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    return total, total - embed
