@@ -53,7 +53,7 @@ smoke: install
 	rm -rf runs/smoke
 	$(PY) -m sentiment.tiny runs/smoke/tiny
 	$(PY) -m sentiment train --model_name_or_path runs/smoke/tiny/model --data_dir runs/smoke/tiny/data \
-		--n_train 0 --n_test 0 --val_fraction 0.25 --max_length 64 --epochs 4 --lr 3e-3 \
+		--n_train 0 --n_test 0 --val_fraction 0.25 --max_length 64 --epochs 10 --lr 3e-3 \
 		--output_dir runs/smoke/run --log_every 10 $(ARGS)
 	$(PY) -m sentiment predict --model_name_or_path runs/smoke/run/model "A wonderful, moving film." "Awful and boring."
 

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -95,16 +96,17 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
-def find_resume(resume: str, output_dir: Path) -> tuple[Path, dict] | None:
+def find_resume(resume: str, output_dir: Path, warn: Callable[[str], None] = print) -> tuple[Path, dict] | None:
     """(path, state) to resume from: `auto` = the newest checkpoint in output_dir that loads
-    (a corrupt newer one is reported and skipped), or an explicit path; None if `auto` finds none."""
+    (a corrupt newer one is reported with `warn`, e.g. rank 0's print, and skipped), or an explicit
+    path; None if `auto` finds none."""
     if resume != "auto":
         return Path(resume), load_checkpoint(Path(resume))
     for path in checkpoint_paths(output_dir / CHECKPOINT_DIR):
         try:
             return path, load_checkpoint(path)
         except CheckpointError as e:
-            print(f"warning: {e}; trying an older checkpoint", flush=True)
+            warn(f"warning: {e}; trying an older checkpoint")
     return None
 
 

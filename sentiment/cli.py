@@ -20,9 +20,15 @@ from sentiment.config import PRESETS, Config, ConfigError, SentimentError, build
 COMMANDS = ("train", "evaluate", "predict", "plot")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """A bad command line is one `error:` line from main(), not argparse's usage block and exit."""
+        raise ConfigError(f"{message} (see `{self.prog} --help`)")
+
+
 def make_parser(command: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"sentiment {command}", allow_abbrev=False,
-                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog=f"sentiment {command}", allow_abbrev=False,
+                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     if command == "predict":
         parser.add_argument("texts", nargs="+", help="review texts to classify")
     if command == "plot":

@@ -59,9 +59,9 @@ class Config:
     eval_batch_size: int = 32  # reviews per forward in evaluation
     lr: float = 5e-5  # peak learning rate (AdamW)
     weight_decay: float = 0.0  # AdamW decoupled decay; never applied to biases and LayerNorm weights
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
+    adam_beta1: float = 0.9  # AdamW decay rate of the gradient mean
+    adam_beta2: float = 0.999  # AdamW decay rate of the squared-gradient mean
+    adam_eps: float = 1e-8  # AdamW denominator floor
     warmup_ratio: float = 0.0  # share of optimizer steps with linear warmup from 0 (then linear decay to 0)
     max_grad_norm: float = 1.0  # clip the global gradient L2 norm to this; 0 = no clipping
     seed: int = 42  # subset selection, shuffling, head init and dropout

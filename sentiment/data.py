@@ -40,13 +40,22 @@ def read_file(path: str):
     reader = FILE_READERS.get(p.suffix.lower())
     if reader is None:
         raise DataError(f"data file {path}: unknown format {p.suffix!r}; use .parquet, .csv or .jsonl")
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its "Failed to read" log would double our one error line
     try:
         return datasets.load_dataset(reader, data_files=str(p.resolve()), split="train")
     except Exception as e:  # noqa: BLE001 - pyarrow/datasets raise many types for a bad file
-        cause = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) or "utf-8" in str(e).lower() else (
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        chain = [e]  # datasets wraps the reader's error in DatasetGenerationError: the cause says what is wrong
+        while len(chain) < 8 and (chain[-1].__cause__ or chain[-1].__context__) is not None:
+            chain.append(chain[-1].__cause__ or chain[-1].__context__)
+        root = chain[-1]
+        cause = "not UTF-8 text" if any(isinstance(c, UnicodeDecodeError) or "utf-8" in str(c).lower()
+                                        or "utf8" in str(c).lower() for c in chain) else (
+            f"{type(root).__name__}: {str(root).splitlines()[0] if str(root) else ''}")
         raise DataError(f"data file {path} could not be read as {reader} ({cause}); "
                         "fix or re-export the file") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
 
 
 def read_acl_imdb(folder: Path, split: str):
@@ -112,7 +121,11 @@ def check_split(ds, source: str):
                         "rename them to text and label")
     if len(ds) == 0:
         raise DataError(f"{source} holds no rows")
-    for row, text in enumerate(ds["text"]):
+    try:
+        texts = list(ds["text"])  # decodes every text: a non-UTF-8 JSONL file loads, then fails here
+    except UnicodeDecodeError:
+        raise DataError(f"{source} is not UTF-8 text; re-encode it (e.g. iconv -f latin1 -t utf-8)") from None
+    for row, text in enumerate(texts):
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{source} row {row}: empty or missing text; remove the row or fill it in")
     labels = [normalize_label(v, source, row) for row, v in enumerate(ds["label"])]

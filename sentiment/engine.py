@@ -8,6 +8,7 @@ of the code asks the returned `Engine` (`engine.autocast()`, `engine.wrap(model)
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import os
 import random
@@ -100,6 +101,13 @@ class Engine:
             model = model.module
         return getattr(model, "_orig_mod", model)
 
+    @staticmethod
+    def local_model(model: torch.nn.Module) -> torch.nn.Module:
+        """The model without its DDP wrapper (still compiled, if it was), for evaluation: DDP broadcasts
+        buffers in a forward, so ranks running different numbers of eval batches (a rank may have none)
+        would pair that broadcast with another collective and hang."""
+        return model.module if isinstance(model, DDP) else model
+
     def no_sync(self, model: torch.nn.Module, sync: bool):
         """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulation group."""
         if self.distributed and not sync:
@@ -185,6 +193,12 @@ class Engine:
         if self.device.type == "cuda":
             state["cuda"] = torch.cuda.get_rng_state(self.device)
         return state
+
+    def seed_per_rank(self, seed: int) -> None:
+        """Reseed torch with seed + rank once the model exists. Its weights were drawn alike on every
+        rank (and DDP broadcasts rank 0's anyway), but dropout must not draw the same masks on every
+        rank's share of the batch."""
+        torch.manual_seed(seed + self.rank)
 
     def set_rng_state(self, state: dict) -> None:
         random.setstate(state["python"])
@@ -306,12 +320,48 @@ def setup_engine(device: str = "auto", precision: str = "auto", seed: int = 0) -
         threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
         torch.set_num_threads(threads)
         decisions.append(f"threads={threads} per rank (CPU cores split between local ranks)")
+    if dev.type == "cpu" and keep_freed_memory():
+        decisions.append("malloc=keep freed memory for reuse (CPU: tensors over 32 MB, such as attention scores, "
+                         "were otherwise unmapped when freed and re-faulted page by page on every step)")
+    if rank != 0:
+        quiet_libraries()
     seed_everything(seed)
     engine = Engine(device=dev, precision=prec, rank=rank, local_rank=local_rank,
                     world_size=world_size, decisions=tuple(decisions))
     for line in decisions:
         engine.print(f"engine: {line}")
     return engine
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for reuse rather than hand it back to the OS; True if set.
+
+    By default malloc serves each block over its mmap threshold (32 MB at most) with fresh pages and
+    unmaps them on free, so every step's large activations, e.g. MiniLM's (8, 12, 512, 512) fp32
+    attention scores at 96 MB, are zero-filled page by page again: ~1M page faults and 15-30% of a
+    step's CPU time in the kernel. This is what the MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_
+    variables, or jemalloc/tcmalloc (PyTorch's CPU tuning guide), do. The cost: memory freed after the
+    peak stays with the process. Linux/glibc only; elsewhere a no-op returning False."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, (1 << 31) - 1))
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return False
+
+
+def quiet_libraries() -> None:
+    """Silence transformers' and datasets' progress bars and info logs (on ranks other than 0, which
+    stay quiet: rank 0 speaks for the job). Errors still print."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity_error()
 
 
 def environment_summary(engine: Engine) -> dict:

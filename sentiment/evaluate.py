@@ -35,6 +35,7 @@ def predict_probs(model: torch.nn.Module, split: TokenizedSplit, engine: Engine,
                   collate: Collator, desc: str = "eval") -> tuple[np.ndarray, np.ndarray]:
     """(probs, nll): P(neg), P(pos) (n, 2) and the cross-entropy (n,) of every example of `split`,
     in its original order."""
+    model = engine.local_model(model)  # ranks may run different numbers of batches: no DDP collectives
     was_training = model.training
     model.eval()
     dataset = ReviewDataset(split)
@@ -63,15 +64,23 @@ def evaluate(model: torch.nn.Module, split: TokenizedSplit, engine: Engine, batc
 
 
 def _load_for_inference(cfg):
-    """(engine, model, tokenizer, collate) for a saved model, on the configured device/precision."""
+    """(cfg, engine, model, tokenizer, collate) for a saved model, on the configured device/precision;
+    the returned cfg has max_length capped at the model's positions (the default 512 > a small model's)."""
+    import dataclasses
+
     from sentiment.data import collator
     from sentiment.engine import setup_engine
-    from sentiment.model import load_model, load_tokenizer
+    from sentiment.model import load_model, load_tokenizer, max_positions
 
     engine = setup_engine(cfg.device, cfg.precision, cfg.seed)
     tokenizer = load_tokenizer(cfg.model_name_or_path)
-    model = engine.wrap(load_model(cfg.model_name_or_path), compile=cfg.compile)
-    return engine, model, tokenizer, collator(cfg, tokenizer.pad_token_id)
+    model = load_model(cfg.model_name_or_path)
+    if cfg.max_length > max_positions(model):  # longer inputs would crash in the position embeddings
+        engine.print(f"max_length={cfg.max_length} exceeds the model's {max_positions(model)} positions: "
+                     f"using {max_positions(model)}")
+        cfg = dataclasses.replace(cfg, max_length=max_positions(model))
+    model = engine.wrap(model, compile=cfg.compile)
+    return cfg, engine, model, tokenizer, collator(cfg, tokenizer.pad_token_id)
 
 
 def evaluate_saved(cfg) -> dict:
@@ -81,7 +90,7 @@ def evaluate_saved(cfg) -> dict:
 
     from sentiment.data import read_split, take, tokenize
 
-    engine, model, tokenizer, collate = _load_for_inference(cfg)
+    cfg, engine, model, tokenizer, collate = _load_for_inference(cfg)
     try:
         test = tokenize(take(read_split(cfg, "test"), cfg.n_test, cfg.seed, "n_test"), tokenizer,
                         cfg.max_length, cfg.truncation)
@@ -103,7 +112,7 @@ def predict_texts(cfg, texts: list[str]) -> list[tuple[str, float]]:
 
     if any(not t.strip() for t in texts):
         raise ConfigError("predict got an empty text; pass non-empty review texts in quotes")
-    engine, model, tokenizer, collate = _load_for_inference(cfg)
+    cfg, engine, model, tokenizer, collate = _load_for_inference(cfg)
     try:
         split = tokenize(datasets.Dataset.from_dict({"text": texts, "label": [0] * len(texts)}),
                          tokenizer, cfg.max_length, cfg.truncation)

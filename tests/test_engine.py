@@ -1,0 +1,114 @@
+"""engine.py on CPU: fp32 and bf16, autocast, the decisions it prints, and what it refuses."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from sentiment.config import ConfigError
+from sentiment.engine import Engine, cpu_has_native_bf16, setup_engine
+from sentiment.tiny import make_model
+
+
+def test_cpu_fp32(capsys):
+    engine = setup_engine(device="cpu", precision="fp32", seed=0)
+    assert engine.device == torch.device("cpu")
+    assert engine.precision == "fp32" and engine.amp_dtype is None
+    assert (engine.rank, engine.world_size, engine.is_main, engine.distributed) == (0, 1, True, False)
+    assert not engine.grad_scaler().is_enabled()
+    a = torch.randn(4, 8)
+    with engine.autocast():
+        assert (a @ a.T).dtype == torch.float32
+    out = capsys.readouterr().out
+    assert "engine: device=cpu (requested)" in out
+    assert "engine: precision=fp32 (requested)" in out
+
+
+def test_cpu_bf16_autocast(capsys):
+    engine = setup_engine(device="cpu", precision="bf16", seed=0)
+    assert engine.precision == "bf16" and engine.amp_dtype == torch.bfloat16
+    assert not engine.grad_scaler().is_enabled()  # bf16 has fp32's range: no loss scaling
+    a = torch.randn(4, 8)
+    with engine.autocast():
+        assert (a @ a.T).dtype == torch.bfloat16
+        assert torch.nn.functional.linear(a, torch.randn(3, 8)).dtype == torch.bfloat16
+    assert (a @ a.T).dtype == torch.float32  # only inside the context
+    out = capsys.readouterr().out
+    assert "engine: precision=bf16 (requested" in out
+    if not cpu_has_native_bf16():
+        assert "emulates bf16" in out  # the user is told it will be slow
+
+
+def test_bf16_forward_and_backward_of_the_model():
+    engine = setup_engine(device="cpu", precision="bf16", seed=0)
+    model = engine.wrap(make_model())
+    assert engine.unwrap(model) is model
+    ids = torch.randint(5, 30, (2, 16))
+    with engine.autocast():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert logits.dtype == torch.bfloat16 and logits.shape == (2, 2)
+    loss = torch.nn.functional.cross_entropy(logits.float(), torch.tensor([0, 1]))
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+def test_fp16_on_cpu_is_refused_clearly():
+    with pytest.raises(ConfigError, match="precision=fp16 needs a CUDA GPU; on CPU use --precision bf16 or fp32"):
+        setup_engine(device="cpu", precision="fp16")
+
+
+def test_auto_on_cpu_explains_its_choice(capsys):
+    engine = setup_engine(device="cpu", precision="auto", seed=0)
+    expected = "bf16" if cpu_has_native_bf16() else "fp32"
+    assert engine.precision == expected
+    out = capsys.readouterr().out
+    assert f"engine: precision={expected} (auto: CPU " in out
+    assert engine.decisions == tuple(line.removeprefix("engine: ") for line in out.splitlines()
+                                     if line.startswith("engine: "))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_requested_without_cuda_is_refused():
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        setup_engine(device="cuda", precision="fp32")
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        setup_engine(device="cuda:1", precision="fp32")
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="needs a CPU-only machine")
+def test_auto_device_without_accelerator_is_cpu(capsys):
+    engine = setup_engine(device="auto", precision="fp32")
+    assert engine.device.type == "cpu"
+    assert "device=cpu (auto: no CUDA or MPS device found)" in capsys.readouterr().out
+
+
+def test_seeding_is_deterministic():
+    setup_engine(device="cpu", precision="fp32", seed=123)
+    first = (random.random(), np.random.rand(), torch.rand(3))
+    engine = setup_engine(device="cpu", precision="fp32", seed=123)
+    second = (random.random(), np.random.rand(), torch.rand(3))
+    assert first[0] == second[0] and first[1] == second[1] and torch.equal(first[2], second[2])
+    state = engine.rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(3))
+    engine.set_rng_state(state)
+    b = (random.random(), np.random.rand(), torch.rand(3))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def test_single_process_helpers_are_pass_throughs():
+    engine = Engine(device=torch.device("cpu"), precision="fp32")
+    t = torch.tensor([3.0])
+    assert engine.all_reduce_sum(t) is t and t.item() == 3.0
+    assert engine.all_gather_objects({"a": 1}) == [{"a": 1}]
+    assert engine.broadcast_object(5) == 5
+    assert engine.any_rank(True) and not engine.any_rank(False)
+    assert engine.peak_flops() is None
+    assert engine.peak_memory_mb() > 0
+
+
+def test_print_only_on_rank_zero(capsys):
+    Engine(device=torch.device("cpu"), precision="fp32", rank=1, world_size=2).print("hidden")
+    Engine(device=torch.device("cpu"), precision="fp32").print("shown")
+    assert capsys.readouterr().out == "shown\n"

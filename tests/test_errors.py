@@ -1,0 +1,278 @@
+"""Bad input fails at second 1 with one clear line: for each case, a nonzero exit, exactly one
+`error: ...` line on stderr naming the problem, no traceback, and an existing run left untouched."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sentiment.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+# a whole tqdm redraw from a library ("Loading weights: 100%|####| 41/41 [00:00<00:00, 9.1it/s]",
+# "Generating train split: 2 examples [00:00, 9.5 examples/s]"): a progress bar, not a message
+PROGRESS = re.compile(r"[\w .-]*: *(\d+%\|[^|]*\| *)?\d+(/\d+)?( \w+)? \[[^\]]*\]")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on 2 shared cores: one intra-op thread is faster than two spinning against each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def error_line(stderr: str) -> str:
+    """The one `error:` line of stderr; fails if there is a traceback, another message, or not exactly one."""
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in re.split(r"[\r\n]+", stderr) if line.strip()]
+    messages = [line for line in lines if not PROGRESS.fullmatch(line)]
+    assert len(messages) == 1 and messages[0].startswith("error: "), f"expected one error line, got:\n{stderr}"
+    assert lines[-1] == messages[0], "the error line comes last"
+    return messages[0]
+
+
+# ----------------------------------------------------------------------------- files to feed it
+
+
+def write(path: Path, content: str | bytes) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+    return str(path)
+
+
+def jsonl(rows) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+GOOD_ROWS = [{"text": "great film", "label": 1}, {"text": "bad film", "label": 0}] * 4
+
+
+@pytest.fixture
+def files(tmp_path, tiny_dirs):
+    """Name -> path of a bad (or good) input file."""
+    model_dir, data_dir = tiny_dirs
+    d = tmp_path / "inputs"
+    not_a_dir = write(d / "plain_file", "I am a file, not a folder")
+    return {
+        "good": str(data_dir / "train.jsonl"),
+        "good_test": str(data_dir / "test.jsonl"),
+        "missing": str(d / "nope.parquet"),
+        "garbage_parquet": write(d / "garbage.parquet", os.urandom(2000)),
+        "truncated_parquet": write(d / "truncated.parquet", b"PAR1" + os.urandom(100)),
+        "latin1_csv": write(d / "latin1.csv", "text,label\nCaf\xe9 was great,1\nbad,0\n".encode("latin-1")),
+        "latin1_jsonl": write(d / "latin1.jsonl", '{"text": "Caf\xe9 great", "label": 1}\n'.encode("latin-1")),
+        "unknown_ext": write(d / "reviews.txt", "great film\n"),
+        "no_text": write(d / "no_text.csv", "review,label\ngreat,1\nbad,0\n"),
+        "no_label": write(d / "no_label.jsonl", jsonl([{"text": "great"}, {"text": "bad"}])),
+        "empty_text": write(d / "empty_text.jsonl", jsonl(GOOD_ROWS + [{"text": "   ", "label": 1}])),
+        "missing_text": write(d / "missing_text.csv", "text,label\ngreat,1\n,0\n"),
+        "label_2": write(d / "label_2.jsonl", jsonl(GOOD_ROWS + [{"text": "meh", "label": 2}])),
+        "label_minus_1": write(d / "label_minus_1.jsonl", jsonl(GOOD_ROWS + [{"text": "meh", "label": -1}])),
+        "label_word": write(d / "label_word.csv", "text,label\ngreat,pos\nso-so,neutral\n"),
+        "no_rows": write(d / "no_rows.csv", "text,label\n"),
+        "corrupt_ckpt": write(d / "step_0000005.pt", b"PK\x03\x04 this is not a torch checkpoint" + os.urandom(64)),
+        "bad_json": write(d / "config.json", "{not json"),
+        "not_a_dir": not_a_dir,
+        "model": str(model_dir),
+        "data_dir": str(data_dir),
+    }
+
+
+# ----------------------------------------------------------------------------- an existing run to protect
+
+
+def make_existing_run(out: Path) -> dict[str, bytes]:
+    """A previous run's files in `out` (plus a user's own file); returns path -> bytes to compare later."""
+    write(out / "config.json", json.dumps({"lr": 1e-5}))
+    write(out / "metrics.jsonl", '{"step": 1, "loss": 0.7}\n')
+    write(out / "results.json", json.dumps({"accuracy": 0.91}))
+    write(out / "model" / "config.json", "{}")
+    write(out / "checkpoints" / "step_0000001.pt", b"old checkpoint bytes")
+    write(out / "notes.txt", "the user's own file")
+    return snapshot(out)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------- the table
+
+# (case id, argv after `train` with {name} placeholders filled from `files`, what the error must mention)
+TRAIN_CASES = [
+    ("missing_train_file", ["--train_file", "{missing}", "--test_file", "{good_test}"], r"nope\.parquet does not exist"),
+    ("missing_test_file", ["--train_file", "{good}", "--test_file", "{missing}"], r"nope\.parquet does not exist"),
+    ("no_test_file_given", ["--train_file", "{good}"], r"no test data: --test_file is missing"),
+    ("missing_data_dir", ["--data_dir", "{missing}"], r"data_dir .*nope\.parquet is not a folder"),
+    ("data_dir_without_data", ["--data_dir", "{model}"], r"has neither train/pos/\*\.txt .*nor train\.parquet"),
+    ("garbage_parquet", ["--train_file", "{garbage_parquet}", "--test_file", "{good_test}"],
+     r"garbage\.parquet could not be read as parquet"),
+    ("truncated_parquet", ["--train_file", "{truncated_parquet}", "--test_file", "{good_test}"],
+     r"truncated\.parquet could not be read as parquet"),
+    ("non_utf8_csv", ["--train_file", "{latin1_csv}", "--test_file", "{good_test}"], r"latin1\.csv .*not UTF-8"),
+    ("non_utf8_jsonl", ["--train_file", "{latin1_jsonl}", "--test_file", "{good_test}"], r"latin1\.jsonl .*not UTF-8"),
+    ("unknown_extension", ["--train_file", "{unknown_ext}", "--test_file", "{good_test}"], r"unknown format '\.txt'"),
+    ("missing_text_column", ["--train_file", "{no_text}", "--test_file", "{good_test}"],
+     r"no_text\.csv lacks column\(s\) text \(has review, label\)"),
+    ("missing_label_column", ["--train_file", "{good}", "--test_file", "{no_label}"],
+     r"no_label\.jsonl lacks column\(s\) label"),
+    ("empty_text", ["--train_file", "{empty_text}", "--test_file", "{good_test}"], r"row 8: empty or missing text"),
+    ("missing_text", ["--train_file", "{missing_text}", "--test_file", "{good_test}"], r"row 1: empty or missing text"),
+    ("label_2", ["--train_file", "{label_2}", "--test_file", "{good_test}"], r"row 8: label 2 is not 0/1 or neg/pos"),
+    ("label_minus_1", ["--train_file", "{good}", "--test_file", "{label_minus_1}"],
+     r"row 8: label -1 is not 0/1 or neg/pos"),
+    ("label_word", ["--train_file", "{label_word}", "--test_file", "{good_test}"], r"row 1: label 'neutral'"),
+    ("no_rows", ["--train_file", "{no_rows}", "--test_file", "{good_test}"], r"no_rows\.csv .*(holds no rows|no data)"),
+    ("n_train_too_large", ["--data_dir", "{data_dir}", "--n_train", "1000"],
+     r"--n_train 1000 is larger than the 96 reviews available"),
+    ("n_test_too_large", ["--data_dir", "{data_dir}", "--n_test", "49"], r"--n_test 49 is larger than the 48"),
+    ("val_split_too_small", ["--data_dir", "{data_dir}", "--n_train", "4", "--val_fraction", "0.1"],
+     r"val_fraction=0\.1 of 4 reviews leaves too few"),
+    ("max_length_above_model", ["--data_dir", "{data_dir}", "--max_length", "256"],
+     r"max_length=256 exceeds the model's 128 positions"),
+    ("corrupt_checkpoint", ["--data_dir", "{data_dir}", "--resume", "{corrupt_ckpt}"],
+     r"checkpoint .*step_0000005\.pt is corrupt or unreadable"),
+    ("missing_checkpoint", ["--data_dir", "{data_dir}", "--resume", "{missing}"], r"nope\.parquet does not exist"),
+    ("missing_model", ["--data_dir", "{data_dir}", "--model_name_or_path", "{not_a_dir}/model"],
+     r"could not load the tokenizer"),
+    ("model_folder_without_model", ["--data_dir", "{data_dir}", "--model_name_or_path", "{data_dir}"],
+     r"could not load the tokenizer .* from the local folder"),
+    ("zero_epochs", ["--data_dir", "{data_dir}", "--epochs", "0"], r"epochs=0 must be a positive integer"),
+    ("zero_micro_batch", ["--data_dir", "{data_dir}", "--micro_batch_size", "0"], r"micro_batch_size=0 must be a positive"),
+    ("negative_grad_accum", ["--data_dir", "{data_dir}", "--grad_accum_steps", "-2"], r"grad_accum_steps=-2 must be"),
+    ("zero_eval_batch", ["--data_dir", "{data_dir}", "--eval_batch_size", "0"], r"eval_batch_size=0"),
+    ("negative_n_train", ["--data_dir", "{data_dir}", "--n_train", "-5"], r"n_train=-5 must be >= 0"),
+    ("zero_max_length", ["--data_dir", "{data_dir}", "--max_length", "0"], r"max_length=0 must be a positive"),
+    ("zero_lr", ["--data_dir", "{data_dir}", "--lr", "0"], r"lr=0\.0 must be > 0"),
+    ("negative_lr", ["--data_dir", "{data_dir}", "--lr=-3e-5"], r"lr=-3e-05 must be > 0"),
+    ("negative_lr_as_separate_word", ["--data_dir", "{data_dir}", "--lr", "-1"], r"lr=-1\.0 must be > 0"),
+    ("flag_without_value", ["--data_dir", "{data_dir}", "--epochs"], r"argument --epochs: expected one argument"),
+    ("warmup_ratio_above_1", ["--data_dir", "{data_dir}", "--warmup_ratio", "1.5"], r"warmup_ratio=1\.5 must be in \[0, 1\)"),
+    ("val_fraction_1", ["--data_dir", "{data_dir}", "--val_fraction", "1"], r"val_fraction=1\.0 must be in \[0, 1\)"),
+    ("negative_weight_decay", ["--data_dir", "{data_dir}", "--weight_decay", "-0.01"], r"weight_decay"),
+    ("not_a_number", ["--data_dir", "{data_dir}", "--lr", "fast"], r"--lr expects float, got 'fast'"),
+    ("not_an_int", ["--data_dir", "{data_dir}", "--epochs", "three"], r"--epochs expects int, got 'three'"),
+    ("not_a_bool", ["--data_dir", "{data_dir}", "--overwrite", "perhaps"], r"--overwrite expects true or false"),
+    ("bad_choice", ["--data_dir", "{data_dir}", "--truncation", "middle"], r"truncation='middle' is not one of head"),
+    ("fp16_on_cpu", ["--data_dir", "{data_dir}", "--precision", "fp16"], r"precision=fp16 needs a CUDA GPU"),
+    ("unknown_flag", ["--data_dir", "{data_dir}", "--learning_rate", "1e-4"], r"unknown flag --learning_rate"),
+    ("unknown_flag_suggestion", ["--data_dir", "{data_dir}", "--epoch", "3"],
+     r"unknown flag --epoch; did you mean --epochs\?"),
+    ("unknown_flag_typo", ["--data_dir", "{data_dir}", "--grad_acum_steps", "3"], r"did you mean --grad_accum_steps\?"),
+    ("unknown_preset", ["--data_dir", "{data_dir}", "--preset", "tutorail"], r"unknown preset 'tutorail'; did you mean tutorial"),
+    ("missing_config_file", ["--data_dir", "{data_dir}", "--config", "{missing}"], r"config file .* does not exist"),
+    ("bad_config_file", ["--data_dir", "{data_dir}", "--config", "{bad_json}"], r"config file .* is not readable JSON"),
+]
+
+
+@pytest.mark.parametrize("argv, pattern", [c[1:] for c in TRAIN_CASES], ids=[c[0] for c in TRAIN_CASES])
+def test_bad_train_input(argv, pattern, files, tmp_path, capsys):
+    out = tmp_path / "run"
+    before = make_existing_run(out)
+    argv = ["train", "--model_name_or_path", files["model"], "--device", "cpu", "--precision", "fp32",
+            "--max_length", "64", "--epochs", "1", "--n_train", "0", "--n_test", "0", "--output_dir", str(out),
+            "--overwrite", "true", *[a.format(**files) for a in argv]]
+    code = main(argv)
+    err = error_line(capsys.readouterr().err)
+    assert code != 0
+    assert re.search(pattern, err), f"{err!r} does not match {pattern!r}"
+    assert snapshot(out) == before  # validation comes before anything is replaced, even with --overwrite
+
+
+def test_existing_run_is_not_overwritten(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    before = make_existing_run(out)
+    code = main(["train", "--model_name_or_path", files["model"], "--data_dir", files["data_dir"], "--device", "cpu",
+                 "--max_length", "64", "--output_dir", str(out)])
+    err = error_line(capsys.readouterr().err)
+    assert code != 0
+    assert f"output_dir {out} already holds a run" in err and "--overwrite true" in err and "--resume auto" in err
+    assert snapshot(out) == before
+
+
+def test_overwrite_replaces_only_the_runs_files(files, tmp_path):
+    """The other side of the refusal: with --overwrite the old run is replaced, the user's own file kept."""
+    out = tmp_path / "run"
+    make_existing_run(out)
+    code = main(["train", "--model_name_or_path", files["model"], "--data_dir", files["data_dir"], "--device", "cpu",
+                 "--precision", "fp32", "--max_length", "64", "--epochs", "1", "--n_train", "8", "--n_test", "8",
+                 "--output_dir", str(out), "--overwrite", "true", "--log_every", "0"])
+    assert code == 0
+    assert (out / "notes.txt").read_text() == "the user's own file"
+    assert (out / "checkpoints" / "step_0000001.pt").read_bytes() != b"old checkpoint bytes"
+    assert json.loads((out / "config.json").read_text())["n_train"] == 8
+    assert json.loads((out / "results.json").read_text())["steps"] == 1
+
+
+@pytest.mark.parametrize("make_unwritable", ["under_a_file", "read_only_dir"])
+def test_output_dir_not_writable(make_unwritable, files, tmp_path, capsys):
+    if make_unwritable == "under_a_file":
+        out = Path(files["not_a_dir"]) / "run"  # a path below a regular file: never creatable, even as root
+        before = Path(files["not_a_dir"]).read_bytes()
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders; the under_a_file case covers this")
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        out = locked / "run"
+    try:
+        code = main(["train", "--model_name_or_path", files["model"], "--data_dir", files["data_dir"], "--device",
+                     "cpu", "--max_length", "64", "--output_dir", str(out)])
+    finally:
+        if make_unwritable == "read_only_dir":
+            locked.chmod(0o700)
+    err = error_line(capsys.readouterr().err)
+    assert code != 0
+    assert re.search(r"output_dir .*run is not writable", err), err
+    if make_unwritable == "under_a_file":
+        assert Path(files["not_a_dir"]).read_bytes() == before
+
+
+# ----------------------------------------------------------------------------- evaluate and predict
+
+OTHER_CASES = [
+    ("evaluate_missing_model", ["evaluate", "--model_name_or_path", "{missing}", "--data_dir", "{data_dir}"],
+     r"could not load the tokenizer"),
+    ("evaluate_missing_test_file", ["evaluate", "--model_name_or_path", "{model}", "--test_file", "{missing}"],
+     r"nope\.parquet does not exist"),
+    ("evaluate_bad_labels", ["evaluate", "--model_name_or_path", "{model}", "--test_file", "{label_2}"],
+     r"row 8: label 2"),
+    ("predict_empty_text", ["predict", "  ", "--model_name_or_path", "{model}"], r"predict got an empty text"),
+    ("predict_without_text", ["predict", "--model_name_or_path", "{model}"], r"the following arguments are required: texts"),
+    ("predict_missing_model", ["predict", "great", "--model_name_or_path", "{missing}"], r"could not load"),
+    ("unknown_command", ["trian", "--epochs", "1"], r"unknown command 'trian'; did you mean train\?"),
+]
+
+
+@pytest.mark.parametrize("argv, pattern", [c[1:] for c in OTHER_CASES], ids=[c[0] for c in OTHER_CASES])
+def test_bad_evaluate_and_predict_input(argv, pattern, files, capsys):
+    code = main([a.format(**files) for a in argv] + ["--device", "cpu", "--max_length", "64"])
+    err = error_line(capsys.readouterr().err)
+    assert code != 0
+    assert re.search(pattern, err), f"{err!r} does not match {pattern!r}"
+
+
+# ----------------------------------------------------------------------------- as a real process
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--epoch", "3"], r"did you mean --epochs"),
+    (["--train_file", "{latin1_csv}", "--test_file", "{good_test}"], r"not UTF-8"),
+], ids=["unknown_flag", "non_utf8_csv"])
+def test_python_m_sentiment_exits_nonzero_with_one_line(args, pattern, files, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO),
+           "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "sentiment", "train", "--model_name_or_path", files["model"], "--device", "cpu",
+            "--max_length", "64", "--output_dir", str(tmp_path / "run"), *[a.format(**files) for a in args]]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert re.search(pattern, error_line(proc.stderr))
+    assert not (tmp_path / "run" / "config.json").exists()

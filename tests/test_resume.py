@@ -1,0 +1,342 @@
+"""Never lose a run (issue 5): exact resume, SIGKILL / SIGTERM / a kill during a checkpoint write,
+a resume with a changed result-affecting field, and non-finite steps.
+
+Every comparison is bitwise: weights with torch.equal, metrics.jsonl rows with ==, after dropping
+the timing fields. Dropout stays on (the tiny model's own 0.1), so the RNG states must resume too.
+One uninterrupted in-process run is the reference. Everything runs on one CPU thread (in-process and
+OMP_NUM_THREADS=1 in the subprocesses), so a kill in a subprocess and a resume in this process are
+bitwise comparable; subprocess imports cost seconds, so only the runs to be killed are subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sentiment import checkpoint as ckpt
+from sentiment import train as train_module
+from sentiment.config import Config, ConfigError
+from sentiment.train import TrainingError, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def is_timing(key: str) -> bool:
+    """Fields that measure the machine, not the math: they differ between any two runs."""
+    return key.endswith(("_ms", "_s", "_seconds", "_per_second")) or key in ("peak_mem_mb", "mfu", "environment")
+
+
+# 64 reviews, micro-batch 8, 3 epochs: 8 steps per epoch, 24 steps, an evaluation at steps 8, 16, 24
+TOTAL_STEPS = 24
+
+
+def settings(model_dir: Path, data_dir: Path, output_dir: Path) -> dict:
+    return dict(model_name_or_path=str(model_dir), data_dir=str(data_dir), n_train=64, n_test=0,
+                max_length=64, epochs=3, micro_batch_size=8, lr=3e-3, device="cpu", precision="fp32",
+                output_dir=str(output_dir), log_every=0)  # dropout: the model's own (0.1)
+
+
+def cli_args(values: dict) -> list[str]:
+    return [arg for key, value in values.items() for arg in (f"--{key}", str(value))]
+
+
+# ----------------------------------------------------------------------------- comparing runs
+
+
+def rows(run: Path) -> list[dict]:
+    """metrics.jsonl without the timing fields (which differ between any two runs)."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if not is_timing(k)} for line in lines]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model" / "model.safetensors"))
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    """Bitwise: the final weights, every metrics row (loss, lr, grad_norm, eval metrics) and the results."""
+    got, want = weights(run), weights(reference)
+    assert got.keys() == want.keys()
+    differing = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not differing, f"weights differ from the uninterrupted run: {differing[:5]}"
+    got_rows, want_rows = rows(run), rows(reference)
+    assert len(got_rows) == len(want_rows) == TOTAL_STEPS + 3
+    for got_row, want_row in zip(got_rows, want_rows):
+        assert got_row == want_row
+    results = [{k: v for k, v in json.loads((r / "results.json").read_text()).items() if not is_timing(k)}
+               for r in (run, reference)]
+    assert results[0] == results[1]
+
+
+# ----------------------------------------------------------------------------- subprocess runs
+
+
+def env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+
+
+def start(values: dict, log: Path, program: list[str] | None = None, **extra_env: str) -> subprocess.Popen:
+    """`python -m sentiment train` (or `program`) in the background, output to `log`."""
+    program = program or ["-m", "sentiment", "train"]
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, *program, *cli_args(values)], cwd=REPO,
+                                env={**env(), **extra_env}, stdout=out, stderr=subprocess.STDOUT)
+
+
+def last_step(run: Path) -> int:
+    """The highest step in metrics.jsonl so far (0 before the first row; a half-written row is ignored)."""
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    steps = [0]
+    for line in lines:
+        try:
+            steps.append(json.loads(line)["step"])
+        except (json.JSONDecodeError, KeyError):
+            pass
+    return max(steps)
+
+
+def signal_at_step(proc: subprocess.Popen, run: Path, step: int, sig: int, log: Path) -> None:
+    """Send `sig` once metrics.jsonl shows `step`, at a random instant within the following step."""
+    deadline = time.monotonic() + 240
+    while last_step(run) < step:
+        assert proc.poll() is None, f"the run ended before step {step}:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, "the run made no progress"
+        time.sleep(0.002)
+    time.sleep(random.uniform(0, 0.01))
+    proc.send_signal(sig)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The thread count can change float reduction order: pin it to the subprocesses' one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dirs, tmp_path_factory) -> tuple[dict, Path]:
+    """(settings, output_dir) of the uninterrupted run that the interrupted runs must reproduce."""
+    values = settings(*tiny_dirs, tmp_path_factory.mktemp("reference") / "run")
+    train(Config(**values))
+    return values, Path(values["output_dir"])
+
+
+def resume_in_process(values: dict, capsys) -> str:
+    """`--resume auto` on the run in values["output_dir"], in this process; returns what it printed."""
+    earlier = capsys.readouterr().out
+    train(Config(**{**values, "output_dir": str(values["output_dir"]), "resume": "auto"}))
+    output = capsys.readouterr().out
+    print(earlier + output, end="")  # still shown if the test fails
+    return output
+
+
+def test_sigkill_at_a_random_step_then_resume_auto_is_bitwise_identical(reference, tmp_path, capsys):
+    values, reference_run = reference
+    run, log = tmp_path / "run", tmp_path / "log.txt"
+    values = {**values, "output_dir": run, "save_every": 1}
+    kill_at = random.randint(3, 10)  # leaves 14+ steps: the kill lands before the end
+    print(f"SIGKILL after step {kill_at}")  # shown if the test fails
+    proc = start(values, log)
+    signal_at_step(proc, run, kill_at, signal.SIGKILL, log)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert not (run / "model").exists(), "the run finished before the kill: the test proved nothing"
+
+    # the row of step k is written before step k's checkpoint: the kill may have come in between
+    newest_valid = ckpt.find_resume("auto", run)[1]["step"]
+    assert newest_valid >= kill_at - 1
+    output = resume_in_process(values, capsys)
+    assert f"resuming at step {newest_valid}" in output
+    assert_same_run(run, reference_run)
+
+
+def test_sigterm_checkpoints_says_how_to_resume_and_resumes_bitwise(reference, tmp_path, capsys):
+    values, reference_run = reference
+    run, log = tmp_path / "run", tmp_path / "log.txt"
+    values = {**values, "output_dir": run}  # save_every 0: only the SIGTERM checkpoint mid-epoch
+    stop_at = random.randint(3, 10)
+    print(f"SIGTERM after step {stop_at}")
+    proc = start(values, log)
+    signal_at_step(proc, run, stop_at, signal.SIGTERM, log)
+    assert proc.wait(timeout=60) == 143  # 128 + SIGTERM, what SLURM and schedulers expect
+    output = log.read_text()
+    assert "SIGTERM received" in output
+    assert "checkpoint written. Resume with the same flags plus --resume auto" in output
+    stopped = last_step(run)
+    assert ckpt.checkpoint_paths(run / "checkpoints")[0].name == f"step_{stopped:07d}.pt"
+    assert not (run / "model").exists()
+
+    output = resume_in_process(values, capsys)  # the same flags plus --resume auto, as the message says
+    assert f"resuming at step {stopped}" in output
+    assert_same_run(run, reference_run)
+
+
+KILL_DURING_SAVE = """
+import io, os, signal, sys, torch
+kill_at, calls, real_save = int(os.environ["KILL_AT_SAVE"]), [0], torch.save
+def save(obj, f, *args, **kwargs):
+    if "step_" not in str(getattr(f, "name", "")):
+        return real_save(obj, f, *args, **kwargs)
+    calls[0] += 1
+    if calls[0] < kill_at:
+        return real_save(obj, f, *args, **kwargs)
+    buffer = io.BytesIO()
+    real_save(obj, buffer, *args, **kwargs)
+    f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])  # half of the checkpoint is on disk
+    f.flush()
+    os.fsync(f.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = save
+from sentiment.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_kill_during_a_checkpoint_write_resumes_from_the_previous_checkpoint(reference, tmp_path, capsys):
+    values, reference_run = reference
+    run, log = tmp_path / "run", tmp_path / "log.txt"
+    values = {**values, "output_dir": run, "save_every": 1, "keep_last": 3}
+    kill_at = random.randint(4, TOTAL_STEPS - 4)  # killed while writing step_{kill_at}
+    print(f"SIGKILL while writing the checkpoint of step {kill_at}")
+    script = tmp_path / "kill_during_save.py"
+    script.write_text(KILL_DURING_SAVE)
+    proc = start(values, log, program=[str(script), "train"], KILL_AT_SAVE=str(kill_at))
+    assert proc.wait(timeout=240) == -signal.SIGKILL, log.read_text()[-3000:]
+    folder = run / "checkpoints"
+    assert (folder / f".step_{kill_at:07d}.pt.tmp").exists()  # the torn write, never renamed into place
+    assert [p.name for p in ckpt.checkpoint_paths(folder)][0] == f"step_{kill_at - 1:07d}.pt"
+    # worse still: the newest complete checkpoint is torn too (e.g. a disk that lied about fsync)
+    newest = folder / f"step_{kill_at - 1:07d}.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+
+    output = resume_in_process(values, capsys)
+    assert f"checkpoint {newest} is corrupt or unreadable" in output
+    assert f"resuming at step {kill_at - 2}" in output
+    assert_same_run(run, reference_run)
+
+
+# ----------------------------------------------------------------------------- in-process
+
+
+def stop_after(monkeypatch, step: int) -> None:
+    """SIGTERM this process during optimizer step `step` (1-based), as a scheduler would."""
+    lr_at = train_module.lr_at
+
+    def lr_then_signal(i: int, *args) -> float:
+        if i + 1 == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return lr_at(i, *args)
+
+    monkeypatch.setattr(train_module, "lr_at", lr_then_signal)
+
+
+@pytest.mark.parametrize("stop_at", [TOTAL_STEPS // 2, 8], ids=["half-mid-epoch", "epoch-end"])
+def test_n_steps_equal_half_then_resume_then_half(stop_at, reference, tiny_dirs, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    cfg = Config(**settings(*tiny_dirs, run))
+    with monkeypatch.context() as patch:
+        stop_after(patch, stop_at)
+        with pytest.raises(SystemExit) as stopped:
+            train(cfg)
+    assert stopped.value.code == 143
+    assert [p.name for p in ckpt.checkpoint_paths(run / "checkpoints")] == [f"step_{stop_at:07d}.pt"]
+    assert last_step(run) == stop_at and not (run / "model").exists()
+
+    train(Config(**{**settings(*tiny_dirs, run), "resume": "auto"}))
+    assert_same_run(run, reference[1])
+
+
+def test_resume_with_a_changed_lr_is_refused_and_names_the_field(tiny_config):
+    cfg = tiny_config(epochs=1)
+    train(cfg)
+    out = Path(cfg.output_dir)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError) as refused:
+        train(tiny_config(epochs=1, lr=1e-3, resume="auto"))
+    assert "these fields differ from the checkpoint's run: lr; " in str(refused.value)
+    with pytest.raises(ConfigError, match=r"run: lr, micro_batch_size; "):
+        train(tiny_config(epochs=1, lr=1e-3, micro_batch_size=4, resume="auto"))
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # a refused resume touches nothing
+    train(tiny_config(epochs=1, resume="auto", log_every=5))  # a field that changes nothing is allowed
+
+
+# ----------------------------------------------------------------------------- non-finite steps
+
+
+def nan_logits_at(monkeypatch, bad_steps) -> list[dict[str, torch.Tensor]]:
+    """Make the logits NaN in the training forward of each optimizer step in `bad_steps` (1-based;
+    one micro-batch per step). Returns the weights seen at each training forward, i.e. before step i+1."""
+    load_model = train_module.load_model
+    before_step: list[dict[str, torch.Tensor]] = []
+
+    def load_poisoned(name: str, dropout: float = -1.0, gradient_checkpointing: bool = False):
+        model = load_model(name, dropout, gradient_checkpointing)
+
+        def poison(module, args, logits):
+            if not module.training:  # evaluation forwards stay clean
+                return None
+            before_step.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+            return logits * math.nan if len(before_step) in bad_steps else None
+
+        model.classifier.register_forward_hook(poison)
+        return model
+
+    monkeypatch.setattr(train_module, "load_model", load_poisoned)
+    return before_step
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_nan_loss_skips_the_step_and_logs_it(tiny_config, monkeypatch, capsys):
+    before_step = nan_logits_at(monkeypatch, {3, 4})
+    cfg = tiny_config(epochs=1, n_train=64)
+    results = train(cfg)
+    assert len(before_step) == 8
+    assert not same_weights(before_step[1], before_step[2])  # step 2 updated the weights
+    assert same_weights(before_step[2], before_step[3])  # step 3 skipped: nothing moved
+    assert same_weights(before_step[3], before_step[4])  # step 4 skipped
+    assert not same_weights(before_step[4], before_step[5])  # step 5 is clean again
+    train_rows = [r for r in rows(Path(cfg.output_dir)) if "split" not in r]
+    assert [r["step"] for r in train_rows if r["skipped"]] == [3, 4]
+    assert all(math.isnan(r["loss"]) for r in train_rows if r["skipped"])
+    assert all(math.isfinite(r["loss"]) for r in train_rows if not r["skipped"])
+    out = capsys.readouterr().out
+    assert "step 3/8 |" in out and "step 4/8 |" in out and out.count("SKIPPED (non-finite)") == 2
+    assert math.isfinite(results["loss"])
+    assert all(torch.isfinite(w).all() for w in weights(Path(cfg.output_dir)).values())
+
+
+def test_repeated_nans_stop_the_run_with_the_last_good_checkpoint_intact(tiny_config, monkeypatch):
+    before_step = nan_logits_at(monkeypatch, set(range(5, 100)))
+    cfg = tiny_config(epochs=1, n_train=64, max_bad_steps=3, save_every=2)
+    with pytest.raises(TrainingError, match=r"3 consecutive steps had a non-finite loss or gradient "
+                                            r"\(last at step 7\); the last good checkpoint"):
+        train(cfg)
+    out = Path(cfg.output_dir)
+    assert [r["step"] for r in rows(out) if r["skipped"]] == [5, 6, 7]
+    [newest] = ckpt.checkpoint_paths(out / "checkpoints")
+    assert newest.name == "step_0000006.pt"  # step 7 raised before its (unscheduled) checkpoint
+    state = ckpt.load_checkpoint(newest)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert same_weights(state["model"], before_step[4])  # the weights after step 4, the last good update
+    model = train_module.load_model(cfg.model_name_or_path)
+    model.load_state_dict(state["model"])  # loadable as it is

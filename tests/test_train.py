@@ -1,0 +1,262 @@
+"""train.py end to end on the tiny model: outputs, exact gradient accumulation, learning, and the
+`evaluate` / `predict` commands on the saved model."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from sentiment.cli import main
+from sentiment.config import Config
+from sentiment.data import read_split, take
+from sentiment.train import train
+
+
+def read_metrics(out: Path) -> tuple[list[dict], list[dict]]:
+    """(train step rows, eval rows) of a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "split" not in r], [r for r in rows if "split" in r]
+
+
+def saved_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "model" / "model.safetensors"))
+
+
+def max_weight_diff(a: Path, b: Path) -> float:
+    wa, wb = saved_weights(a), saved_weights(b)
+    assert wa.keys() == wb.keys()
+    return max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model's matmuls are too small to split across threads: on 2 shared cores, torch's
+    default intra-op threads spin against each other and make these runs ~5x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- one full run, shared
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dirs, tmp_path_factory):
+    """A tiny run long enough to learn the synthetic reviews: (config, results, output dir)."""
+    model_dir, data_dir = tiny_dirs
+    out = tmp_path_factory.mktemp("trained") / "run"
+    cfg = Config(model_name_or_path=str(model_dir), data_dir=str(data_dir), n_train=0, n_test=0, max_length=64,
+                 epochs=10, micro_batch_size=8, lr=3e-3, dropout=0.0, device="cpu", precision="fp32",
+                 output_dir=str(out), log_every=5)
+    return cfg, train(cfg), out
+
+
+def test_run_writes_config_metrics_results_and_model(trained):
+    cfg, results, out = trained
+    assert json.loads((out / "config.json").read_text()) == cfg.to_dict()
+    assert Config(**json.loads((out / "config.json").read_text())) == cfg  # a valid config file again
+    on_disk = json.loads((out / "results.json").read_text())
+    for key in ("accuracy", "f1", "precision", "recall", "loss", "confusion_matrix", "samples_per_second",
+                "runtime_s", "steps"):
+        assert key in on_disk, key
+        assert on_disk[key] == results[key]
+    assert results["steps"] == 10 * 96 // 8
+    cm = np.array(results["confusion_matrix"])
+    assert cm.shape == (2, 2) and cm.sum() == 48
+    assert results["accuracy"] == pytest.approx(np.trace(cm) / 48)
+    assert results["samples_per_second"] > 0 and results["runtime_s"] > 0
+    assert (out / "model" / "config.json").is_file() and (out / "model" / "model.safetensors").is_file()
+    assert (out / "model" / "tokenizer.json").is_file() or (out / "model" / "vocab.txt").is_file()
+    model_config = json.loads((out / "model" / "config.json").read_text())
+    assert model_config["id2label"] == {"0": "neg", "1": "pos"}
+    assert model_config["label2id"] == {"neg": 0, "pos": 1}
+
+
+def test_metrics_have_a_row_per_step_and_per_eval(trained):
+    _, results, out = trained
+    steps, evals = read_metrics(out)
+    assert [r["step"] for r in steps] == list(range(1, results["steps"] + 1))
+    assert [r["epoch"] for r in steps] == [s // 12 + 1 for s in range(120)]
+    for row in steps:
+        for key in ("loss", "lr", "grad_norm", "samples", "tokens", "padded_fraction", "samples_per_s", "step_ms"):
+            assert key in row, key
+        assert np.isfinite(row["loss"]) and not row["skipped"]
+    assert sum(r["samples"] for r in steps) == 10 * 96
+    assert steps[0]["lr"] == 3e-3 and steps[-1]["lr"] == pytest.approx(3e-3 / 120)  # linear decay, no warmup
+    assert [(r["step"], r["split"]) for r in evals] == [(12 * e, "test") for e in range(1, 11)]
+    assert evals[-1]["accuracy"] == results["accuracy"]
+    # it learned: the loss fell (first 12 steps vs last 12)
+    assert np.mean([r["loss"] for r in steps[-12:]]) < 0.5 * np.mean([r["loss"] for r in steps[:12]])
+
+
+def test_log_lines_have_the_fixed_format(tiny_config, capsys):
+    train(tiny_config(epochs=1, log_every=4))  # 12 steps: lines at steps 1, 4, 8, 12
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("step ")]
+    assert [line.split(" |")[0] for line in lines] == ["step 1/12", "step 4/12", "step 8/12", "step 12/12"]
+    assert all(" | loss " in line and " | lr " in line and " ex/s | " in line and " ms" in line for line in lines)
+    assert "engine: device=cpu (requested)" in out and "engine: precision=fp32 (requested)" in out
+    assert "batch: global 8 = micro 8 x accum 1 x world 1 | 12 steps/epoch x 1 epochs = 12 steps" in out
+
+
+def test_tiny_model_learns_the_synthetic_reviews(trained):
+    _, results, _ = trained
+    assert results["accuracy"] >= 0.85  # held-out synthetic reviews; chance is 0.5
+    assert results["loss"] < 0.45  # below ln 2 = 0.693, the loss of a coin flip
+
+
+def test_tiny_model_overfits_its_training_set(tiny_config, tiny_dirs):
+    _, data_dir = tiny_dirs
+    cfg = tiny_config(train_file=str(data_dir / "train.jsonl"), test_file=str(data_dir / "train.jsonl"),
+                      data_dir="", epochs=12, dropout=0.0)
+    results = train(cfg)
+    assert results["accuracy"] == 1.0
+    assert results["loss"] < 0.05
+
+
+def test_pipeline_loads_the_saved_model(trained):
+    from transformers import pipeline
+
+    _, results, out = trained
+    clf = pipeline("text-classification", model=str(out / "model"), device="cpu")
+    pos, neg = clf(["great excellent wonderful movie loved it", "awful boring terrible film hated it"])
+    assert pos["label"] == "pos" and neg["label"] == "neg"
+    assert pos["score"] > 0.8 and neg["score"] > 0.8
+    # and it agrees with our own evaluation on the test reviews
+    cfg, _, _ = trained
+    test = take(read_split(cfg, "test"), 0, cfg.seed, "n_test")
+    preds = clf(list(test["text"]), truncation=True, max_length=64, batch_size=16)
+    accuracy = np.mean([p["label"] == ("pos" if y else "neg") for p, y in zip(preds, test["label"])])
+    assert abs(accuracy - results["accuracy"]) <= 1 / 48 + 1e-9  # other batching: a near-tie may flip, no more
+
+
+def test_evaluate_command_reproduces_the_test_accuracy(trained, capsys):
+    cfg, results, out = trained
+    code = main(["evaluate", "--model_name_or_path", str(out / "model"), "--data_dir", cfg.data_dir,
+                 "--n_test", "0", "--max_length", "64", "--device", "cpu", "--precision", "fp32"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads(printed[printed.index("{"):printed.rindex("}") + 1])
+    assert metrics["accuracy"] == pytest.approx(results["accuracy"])
+    assert metrics["loss"] == pytest.approx(results["loss"], abs=1e-5)
+    assert metrics["confusion_matrix"] == results["confusion_matrix"]
+
+
+def test_predict_command(trained, capsys):
+    _, _, out = trained
+    code = main(["predict", "great excellent wonderful movie", "awful boring terrible film", "--model_name_or_path",
+                 str(out / "model"), "--device", "cpu", "--precision", "fp32", "--max_length", "64"])
+    assert code == 0
+    lines = [line.split("\t") for line in capsys.readouterr().out.splitlines() if "\t" in line]
+    assert [(label, text) for label, _, text in lines] == [("pos", "great excellent wonderful movie"),
+                                                           ("neg", "awful boring terrible film")]
+    assert all(0.5 <= float(prob) <= 1.0 for _, prob, _ in lines)
+
+
+def test_predict_caps_max_length_at_the_models_positions(trained, capsys):
+    """The default max_length 512 exceeds the tiny model's 128 positions: a long review must not crash."""
+    _, _, out = trained
+    long_review = " ".join(["great excellent movie"] * 100)  # 300 words
+    code = main(["predict", long_review, "--model_name_or_path", str(out / "model"), "--device", "cpu",
+                 "--precision", "fp32"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "max_length=512 exceeds the model's 128 positions: using 128" in printed
+    assert [line.split("\t")[0] for line in printed.splitlines() if "\t" in line] == ["pos"]
+
+
+def test_cli_train_runs(tiny_dirs, tmp_path):
+    model_dir, data_dir = tiny_dirs
+    out = tmp_path / "cli_run"
+    code = main(["train", "--model_name_or_path", str(model_dir), "--data_dir", str(data_dir), "--n_train", "16",
+                 "--n_test", "8", "--max_length", "64", "--epochs", "1", "--device", "cpu", "--precision", "fp32",
+                 "--output_dir", str(out), "--log_every", "0"])
+    assert code == 0
+    assert json.loads((out / "results.json").read_text())["steps"] == 2
+    assert json.loads((out / "config.json").read_text())["n_train"] == 16
+
+
+# ----------------------------------------------------------------------------- exact gradient accumulation
+
+
+def run_variant(tiny_config, out: Path, **overrides) -> tuple[list[dict], Path]:
+    values = dict(dropout=0.0, precision="fp32", n_test=8, log_every=0, output_dir=str(out))
+    values.update(overrides)
+    train(tiny_config(**values))
+    return read_metrics(out)[0], out
+
+
+def assert_same_run(a, b, tol=1e-6):
+    (rows_a, out_a), (rows_b, out_b) = a, b
+    assert [r["samples"] for r in rows_a] == [r["samples"] for r in rows_b]
+    np.testing.assert_allclose([r["loss"] for r in rows_a], [r["loss"] for r in rows_b], rtol=0, atol=tol)
+    np.testing.assert_allclose([r["grad_norm"] for r in rows_a], [r["grad_norm"] for r in rows_b], rtol=1e-5, atol=tol)
+    assert max_weight_diff(out_a, out_b) < tol
+
+
+def test_one_micro_batch_of_16_equals_two_of_8(tiny_config, tmp_path):
+    one = run_variant(tiny_config, tmp_path / "one", n_train=16, epochs=3, micro_batch_size=16, grad_accum_steps=1)
+    two = run_variant(tiny_config, tmp_path / "two", n_train=16, epochs=3, micro_batch_size=8, grad_accum_steps=2)
+    assert len(one[0]) == 3  # one update per epoch: the first comes after both micro-batches
+    assert_same_run(one, two)
+    # the weights moved at all (otherwise equality proves nothing)
+    untouched = run_variant(tiny_config, tmp_path / "lr", n_train=16, epochs=3, micro_batch_size=16, lr=1e-9)
+    assert max_weight_diff(one[1], untouched[1]) > 1e-3
+
+
+def test_short_last_group_is_stepped_and_weighted_by_its_samples(tiny_config, tmp_path):
+    # 20 reviews, global batch 8: steps of 8, 8 and 4 samples per epoch, however the batch is split
+    plain = run_variant(tiny_config, tmp_path / "plain", n_train=20, epochs=2, micro_batch_size=8)
+    assert [r["samples"] for r in plain[0]] == [8, 8, 4] * 2
+    assert [r["step"] for r in plain[0]] == [1, 2, 3, 4, 5, 6]
+    split = run_variant(tiny_config, tmp_path / "split", n_train=20, epochs=2, micro_batch_size=4, grad_accum_steps=2)
+    assert_same_run(plain, split)
+    # a last group of 1 sample spread over 4 micro-batches: three are weight-0 stand-ins
+    big = run_variant(tiny_config, tmp_path / "big", n_train=17, epochs=2, micro_batch_size=16)
+    many = run_variant(tiny_config, tmp_path / "many", n_train=17, epochs=2, micro_batch_size=4, grad_accum_steps=4)
+    assert [r["samples"] for r in big[0]] == [16, 1, 16, 1]
+    assert_same_run(big, many)
+
+
+def test_logged_loss_is_the_mean_over_the_short_group(tiny_config, tiny_dirs, tmp_path):
+    """4 reviews in a global batch of 8: the loss (and so the gradient) is their mean, not their sum / 8."""
+    from sentiment.model import load_model, load_tokenizer
+
+    model_dir, _ = tiny_dirs
+    cfg = tiny_config(n_train=4, epochs=1, micro_batch_size=8, dropout=0.0, n_test=8, output_dir=str(tmp_path / "r"))
+    train(cfg)
+    rows, _ = read_metrics(tmp_path / "r")
+    assert [r["samples"] for r in rows] == [4]
+    reviews = take(read_split(cfg, "train"), 4, cfg.seed, "n_train")
+    tok = load_tokenizer(str(model_dir))
+    model = load_model(str(model_dir), dropout=0.0).eval()  # the weights the first step started from
+    enc = tok(list(reviews["text"]), padding=True, truncation=True, max_length=64, return_tensors="pt")
+    with torch.no_grad():
+        expected = F.cross_entropy(model(**enc).logits, torch.tensor(list(reviews["label"]))).item()
+    assert rows[0]["loss"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_bf16_run_on_cpu(tiny_config):
+    results = train(tiny_config(epochs=1, n_train=32, n_test=16, precision="bf16"))
+    assert any(d.startswith("precision=bf16") for d in results["engine"])
+    assert np.isfinite(results["loss"]) and 0.0 <= results["accuracy"] <= 1.0
+
+
+def test_validation_split_selects_the_best_model(tiny_config, tmp_path):
+    from sentiment.checkpoint import best_checkpoint, load_checkpoint
+
+    out = tmp_path / "val"
+    results = train(tiny_config(val_fraction=0.25, epochs=3, dropout=0.0, output_dir=str(out)))
+    _, evals = read_metrics(out)
+    assert [r["split"] for r in evals] == ["val"] * 3
+    assert results["best_val_accuracy"] == max(r["accuracy"] for r in evals)
+    best = load_checkpoint(best_checkpoint(out))
+    best_epoch = 1 + [r["accuracy"] for r in evals].index(results["best_val_accuracy"])
+    assert best["step"] == best_epoch * 9  # 72 training reviews / 8
+    saved = saved_weights(out)
+    assert all(torch.equal(saved[k], best["model"][k]) for k in saved)  # the best one is what is saved
