@@ -23,7 +23,9 @@ model (dynamic padding, same eval batch size and precision).
 
 A contender is NAME:PRECISION; by default ours:fp32, tutorial:fp32, best:fp32 and ours:auto, which
 gives the same-precision ratios and "defaults against defaults" (ours auto vs the tutorial's fp32)
-from one set of Trainer runs. Results: a table on stdout, OUT/bench.json, each run's log in OUT/logs.
+from one set of Trainer runs. On CPU our engine keeps freed memory in the process (glibc mallopt, see
+sentiment.engine.keep_freed_memory); --trainer_malloc gives the Trainer runs the same setting through
+MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_, to show how much of the margin that accounts for. Results: a table on stdout, OUT/bench.json, each run's log in OUT/logs.
 Run it on a quiet machine: the load average before and after each run is recorded and flagged.
 """
 
@@ -71,6 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--inference_precision", default="auto", choices=PRECISIONS)
     p.add_argument("--inference_repeats", type=int, default=1)
     p.add_argument("--no_inference_baseline", action="store_true", help="skip Trainer.predict in the inference part")
+    p.add_argument("--trainer_malloc", action="store_true",
+                   help="give the Trainer runs the allocator setting our engine makes on CPU (MALLOC_MMAP_THRESHOLD_/"
+                        "MALLOC_TRIM_THRESHOLD_), to show how much of the margin it accounts for")
     p.add_argument("--quick", action="store_true",
                    help="validate the script: 32 train / 32 test reviews at 128 tokens, 1 round, 64 inference reviews")
     p.add_argument("--out", default="runs/bench", help="logs, run folders and bench.json go here")
@@ -135,20 +140,24 @@ def cuda_available() -> bool:
         return False
 
 
-def timed_run(cmd: list[str], log: Path) -> dict:
+# glibc reads these at startup: what sentiment.engine.keep_freed_memory() sets with mallopt on CPU
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str((1 << 31) - 1)}
+
+
+def timed_run(cmd: list[str], log: Path, extra_env: dict | None = None) -> dict:
     """Run `cmd` to completion; wall seconds from spawn to exit, the child's peak RSS, load averages."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1", **(extra_env or {}))
     load_before = os.getloadavg()[0]
     with open(log, "w") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
+        f.write("$ " + "".join(f"{k}={v} " for k, v in (extra_env or {}).items()) + " ".join(cmd) + "\n")
         f.flush()
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"wall_s": wall, "returncode": proc.returncode, "max_rss_mb": usage.ru_maxrss / 1024,
+    return {"wall_s": wall, "returncode": proc.returncode, "max_rss_mb": usage.ru_maxrss / 1024, "minor_faults": usage.ru_minflt,
             "cpu_s": usage.ru_utime + usage.ru_stime, "load_before": load_before, "load_after": os.getloadavg()[0],
             "log": str(log)}
 
@@ -194,7 +203,9 @@ def run_training(args, contenders, out: Path) -> dict[str, list[dict]]:
             run_dir = out / "runs" / f"{name}_{precision}_{tag}"
             if run_dir.exists():
                 shutil.rmtree(run_dir)
-            record = timed_run(command(name, precision, args, run_dir), out / "logs" / f"{name}_{precision}_{tag}.log")
+            extra_env = MALLOC_ENV if args.trainer_malloc and name != "ours" else None
+            record = timed_run(command(name, precision, args, run_dir), out / "logs" / f"{name}_{precision}_{tag}.log",
+                               extra_env)
             if record["returncode"] != 0:
                 tail = Path(record["log"]).read_text().splitlines()[-15:]
                 sys.exit(f"error: {key} failed (exit {record['returncode']}); last lines of {record['log']}:\n"
@@ -271,7 +282,8 @@ def run_inference(args, model_dir: Path, out: Path) -> tuple[list[str], dict]:
                str(args.max_length), "--padding", "dynamic", "--eval_batch_size", str(args.eval_batch_size),
                "--precision", ours_precision, "--output_dir", str(out / "runs" / "predict"),
                "--results_json", str(out / "runs" / "predict" / "results.json")]
-        record = timed_run(cmd, out / "logs" / f"infer_trainer_round{rnd}.log")
+        record = timed_run(cmd, out / "logs" / f"infer_trainer_round{rnd}.log",
+                           MALLOC_ENV if args.trainer_malloc else None)
         if record["returncode"] != 0:
             sys.exit(f"error: Trainer.predict failed; see {record['log']}")
         record.update(read_trainer(out / "runs" / "predict"))
@@ -325,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
           f"gpu {info['gpu']} | torch {info['torch']} | transformers {info['transformers']}")
     print(f"settings: model {args.model} | {args.n_train} train / {args.n_test} test reviews from {args.data_dir} | "
           f"max_length {args.max_length} | {args.epochs} epoch(s) | batch 8 | lr 5e-5 | eval batch {args.eval_batch_size} "
-          f"| rounds {args.repeats} (+{args.warmup} warmup) | contenders {', '.join(f'{n}:{p}' for n, p in contenders)}")
+          f"| rounds {args.repeats} (+{args.warmup} warmup) | contenders {', '.join(f'{n}:{p}' for n, p in contenders)}"
+          + (" | Trainer runs with our malloc setting" if args.trainer_malloc else ""))
     print(f"load average at start: {os.getloadavg()[0]:.2f} (>0.3 means other work shares the CPU: figures are noisy)",
           flush=True)
 
