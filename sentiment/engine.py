@@ -127,14 +127,6 @@ class Engine:
         dist.all_gather_object(out, obj)
         return out
 
-    def broadcast_object(self, obj: object) -> object:
-        """Rank 0's `obj` on every rank."""
-        if not self.distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
     def any_rank(self, flag: bool) -> bool:
         """True on every rank if `flag` is true on any (e.g. one rank got SIGTERM): ranks must agree
         on when to stop, or the others would wait forever in the next all-reduce."""
@@ -182,9 +174,6 @@ class Engine:
         if peak is not None and self.precision == "fp32":
             peak /= 2  # TF32 tensor cores run at half the bf16 rate
         return peak
-
-    def is_oom(self, error: BaseException) -> bool:
-        return isinstance(error, torch.OutOfMemoryError)
 
     def rng_state(self) -> dict:
         """Every RNG this process draws from: Python, NumPy, torch CPU and this process's CUDA device."""
