@@ -208,6 +208,7 @@ def run(cfg: Config, engine: Engine) -> dict:
     # ------------------------------------------------------------------------------ loop
     dataset = ReviewDataset(splits.train)
     eval_split = splits.val if splits.val is not None else splits.test
+    eval_name = "val" if splits.val is not None else "test"
     report_probs = None  # the best (or, without val, last) epoch's eval probabilities: report.md's misclassified reviews
     batches, last_eval, train_samples, train_seconds = None, None, 0, 0.0
     stop = StopRequest(engine.print).__enter__()
@@ -309,16 +310,14 @@ def run(cfg: Config, engine: Engine) -> dict:
             epoch_end = batch_in_epoch == steps_per_epoch - 1
             is_best = False
             if epoch_end:
-                metrics, probs = evaluate(model, eval_split, engine, cfg.eval_batch_size, collate,
-                                          desc="val" if splits.val is not None else "test")
+                metrics, probs = evaluate(model, eval_split, engine, cfg.eval_batch_size, collate, desc=eval_name)
                 last_eval = metrics
                 is_best = splits.val is not None and metrics["accuracy"] > best_accuracy
                 if is_best or splits.val is None:
                     report_probs = probs
                 best_accuracy = max(best_accuracy, metrics["accuracy"])
-                log({"step": step + 1, "epoch": epoch + 1, "split": "val" if splits.val is not None else "test",
-                     **metrics})
-                engine.print(f"eval epoch {epoch + 1} | {'val' if splits.val is not None else 'test'} | "
+                log({"step": step + 1, "epoch": epoch + 1, "split": eval_name, **metrics})
+                engine.print(f"eval epoch {epoch + 1} | {eval_name} | "
                              f"loss {metrics['loss']:.4f} | accuracy {metrics['accuracy']:.4f} | "
                              f"f1 {metrics['f1']:.4f}" + (" | best so far" if is_best else ""))
 
@@ -358,11 +357,12 @@ def run(cfg: Config, engine: Engine) -> dict:
         test_metrics = last_eval  # the last epoch's evaluation was on test, with these very weights
     else:
         test_metrics, _ = evaluate(model, splits.test, engine, cfg.eval_batch_size, collate, desc="test")
+    train_speed = train_samples / train_seconds if train_seconds else None  # None: a resume with no steps left
     results = {"test": test_metrics, "best_val_accuracy": best_accuracy if splits.val is not None else None,
                "accuracy": test_metrics["accuracy"], "f1": test_metrics["f1"],
                "precision": test_metrics["precision"], "recall": test_metrics["recall"],
                "loss": test_metrics["loss"], "confusion_matrix": test_metrics["confusion_matrix"],
-               "steps": total_steps, "samples_per_second": train_samples / train_seconds if train_seconds else None,
+               "steps": total_steps, "samples_per_second": train_speed,
                "train_seconds": train_seconds, "runtime_s": time.perf_counter() - started,
                "peak_mem_mb": engine.peak_memory_mb(), "engine": list(engine.decisions), "environment": env}
     if engine.is_main:
@@ -375,7 +375,7 @@ def run(cfg: Config, engine: Engine) -> dict:
             writer.close()
     engine.barrier()
     engine.print(f"test | accuracy {test_metrics['accuracy']:.4f} | f1 {test_metrics['f1']:.4f} | "
-                 f"loss {test_metrics['loss']:.4f} | {train_samples / max(train_seconds, 1e-9):.1f} train ex/s | "
+                 f"loss {test_metrics['loss']:.4f} | {train_speed or 0:.1f} train ex/s | "
                  f"{results['runtime_s']:.0f} s | model saved to {out / 'model'}")
     return results
 
