@@ -15,7 +15,8 @@ same precision:
 
 Then an inference benchmark: `python -m sentiment evaluate` of the classifier that the first `ours`
 run saved, on --inference_reviews test reviews at max_length, against Trainer.predict of the same
-model (dynamic padding, same eval batch size and precision).
+model (dynamic padding, same eval batch size and precision), and the ceiling this machine puts on it:
+the time its matrix units need for the encoder's linear layers alone on those reviews.
 
     python scripts/benchmark.py                      # the issue-3 acceptance settings (~30 min on 2 cores)
     python scripts/benchmark.py --quick              # validates the script in a few minutes
@@ -303,10 +304,49 @@ def run_inference(args, model_dir: Path, out: Path) -> tuple[list[str], dict]:
         lines.append(f"| {key} | {ours_precision} | {s['reviews_per_second']:.1f} | {s['wall_s']:.1f} | "
                      f"{s['accuracy']:.4f} |")
     rps = summary["ours"]["reviews_per_second"]
+    ceiling = inference_ceiling(args, model_dir, ours_precision)
+    summary["ceiling"] = ceiling
+    lines.append(f"\nceiling ({ours_precision}): the encoder's linear layers alone are {ceiling['linear_tflop']:.2f} TFLOP "
+                 f"for these {ceiling['tokens']} tokens; at this machine's {ceiling['matmul_gflops']:.0f} GFLOP/s "
+                 f"(timed here) they take {ceiling['linear_s']:.1f} s: at most {ceiling['reviews_per_second']:.1f} "
+                 f"reviews/s with everything else free; ours reaches {rps / ceiling['reviews_per_second']:.0%} of it")
     lines.append(f"\ninference goal (>= {INFERENCE_GOAL:.0f} reviews/s on 2000 reviews at 512): {rps:.1f} "
                  f"{'met' if rps >= INFERENCE_GOAL else 'NOT met'}"
                  + ("" if (args.inference_reviews, args.max_length) == (2000, 512) else " (not the goal's settings)"))
     return lines, summary
+
+
+def inference_ceiling(args, model_dir: Path, precision: str) -> dict:
+    """How fast evaluation could be on this machine: the time the encoder's linear layers alone need
+    for these reviews (their real token counts), each layer timed here on a 8192-token batch in the
+    evaluation dtype. Attention, GELU, LayerNorm and the embeddings come on top, so no loop can beat
+    `reviews_per_second`; `measured / ceiling` says how close ours is."""
+    import torch
+
+    from sentiment.config import Config
+    from sentiment.data import read_split, take, tokenize
+    from sentiment.model import load_model, load_tokenizer
+
+    cfg = Config(data_dir=args.data_dir, n_test=args.inference_reviews, max_length=args.max_length)
+    split = tokenize(take(read_split(cfg, "test"), cfg.n_test, cfg.seed, "n_test"), load_tokenizer(str(model_dir)),
+                     cfg.max_length, cfg.truncation)
+    tokens = int(split.lengths.sum())
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    linears = [m.to(dtype) for name, m in load_model(str(model_dir)).named_modules()
+               if isinstance(m, torch.nn.Linear) and ".encoder." in f".{name}."]
+    rows, seconds = 8192, 0.0
+    with torch.inference_mode():
+        for layer in linears:
+            x = torch.randn(rows, layer.in_features, dtype=dtype)
+            layer(x)  # warm-up: oneDNN picks and caches its kernel
+            start = time.perf_counter()
+            for _ in range(3):
+                layer(x)
+            seconds += (time.perf_counter() - start) / 3
+    flop = 2 * tokens * sum(m.in_features * m.out_features for m in linears)
+    linear_s = seconds * tokens / rows
+    return {"reviews": len(split), "tokens": tokens, "linear_tflop": flop / 1e12, "linear_s": linear_s,
+            "matmul_gflops": flop / linear_s / 1e9, "reviews_per_second": len(split) / linear_s}
 
 
 def machine() -> dict:

@@ -79,7 +79,7 @@ def _load_for_inference(cfg):
         engine.print(f"max_length={cfg.max_length} exceeds the model's {max_positions(model)} positions: "
                      f"using {max_positions(model)}")
         cfg = dataclasses.replace(cfg, max_length=max_positions(model))
-    model = engine.wrap(model, compile=cfg.compile)
+    model = engine.wrap(model, compile=cfg.compile, inference=True)
     return cfg, engine, model, tokenizer, collator(cfg, tokenizer.pad_token_id)
 
 

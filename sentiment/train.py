@@ -152,6 +152,11 @@ def run(cfg: Config, engine: Engine) -> dict:
     steps_per_epoch = math.ceil(len(splits.train) / global_batch)
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
+    if resume and resume[1]["step"] >= total_steps and (out / "results.json").is_file():
+        # a requeued job whose run had finished: evaluating again would only rewrite its results
+        engine.print(f"resume auto: {resume[0].name} is step {total_steps} of {total_steps}, the run is finished; "
+                     f"its results stay in {out / 'results.json'}")
+        return json.loads((out / "results.json").read_text())
     n_params, n_nonembed = count_params(model)
     peak_flops = engine.peak_flops()
 
@@ -357,7 +362,7 @@ def run(cfg: Config, engine: Engine) -> dict:
         test_metrics = last_eval  # the last epoch's evaluation was on test, with these very weights
     else:
         test_metrics, _ = evaluate(model, splits.test, engine, cfg.eval_batch_size, collate, desc="test")
-    train_speed = train_samples / train_seconds if train_seconds else None  # None: a resume with no steps left
+    train_speed = train_samples / train_seconds if train_seconds else None  # None: resumed after the last step
     results = {"test": test_metrics, "best_val_accuracy": best_accuracy if splits.val is not None else None,
                "accuracy": test_metrics["accuracy"], "f1": test_metrics["f1"],
                "precision": test_metrics["precision"], "recall": test_metrics["recall"],

@@ -80,3 +80,33 @@ def test_cpu_engine_keeps_freed_memory(capsys):
         assert "engine: malloc=keep freed memory" in capsys.readouterr().out
     big = torch.ones(64, 1024, 1024)  # 256 MB, over malloc's default mmap threshold: still works
     assert float(big.sum()) == 64 * 1024 * 1024
+
+
+def test_malloc_left_alone_when_the_environment_chose(monkeypatch, capsys):
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")  # the opt-out the decision line names
+    engine = setup_engine(device="cpu", precision="fp32", seed=0)
+    assert "malloc=as the environment sets it (MALLOC_TRIM_THRESHOLD_=131072)" in engine.decisions
+    assert not any(d.startswith("malloc=keep") for d in engine.decisions)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    assert "LD_PRELOAD" in setup_engine(device="cpu", precision="fp32", seed=0).decisions[-1]
+
+
+def test_inference_ceiling_counts_the_encoder_linears_on_the_real_tokens(tiny_dirs):
+    import argparse
+
+    from sentiment.model import load_model
+
+    bench = load_script("benchmark")
+    model_dir, data_dir = tiny_dirs
+    args = argparse.Namespace(data_dir=str(data_dir), inference_reviews=0, max_length=64)  # 0 = all 48
+    ceiling = bench.inference_ceiling(args, model_dir, "bf16")
+    config = load_model(str(model_dir)).config
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    per_token = 2 * layers * (4 * h * h + 2 * h * i)  # q, k, v, attention output; FFN in and out
+    assert ceiling["reviews"] == 48 and 48 < ceiling["tokens"] <= 48 * 64
+    assert ceiling["linear_tflop"] * 1e12 == pytest.approx(per_token * ceiling["tokens"])
+    assert ceiling["linear_s"] > 0
+    assert ceiling["reviews_per_second"] == pytest.approx(48 / ceiling["linear_s"])

@@ -54,6 +54,23 @@ def test_bf16_forward_and_backward_of_the_model():
     assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
 
 
+def test_inference_wrap_stores_weights_in_the_amp_dtype(capsys):
+    ids = torch.randint(5, 30, (2, 16))
+    fp32 = setup_engine(device="cpu", precision="fp32", seed=0)
+    model = fp32.wrap(make_model(), inference=True)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # nothing to gain under fp32
+    expected = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert "weights=" not in capsys.readouterr().out
+
+    bf16 = setup_engine(device="cpu", precision="bf16", seed=0)
+    model = bf16.wrap(model, inference=True)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert "engine: weights=bf16 (inference only" in capsys.readouterr().out
+    with torch.no_grad(), bf16.autocast():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    torch.testing.assert_close(logits.float(), expected, atol=0.05, rtol=0.05)
+
+
 def test_fp16_on_cpu_is_refused_clearly():
     with pytest.raises(ConfigError, match="precision=fp16 needs a CUDA GPU; on CPU use --precision bf16 or fp32"):
         setup_engine(device="cpu", precision="fp16")

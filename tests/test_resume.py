@@ -274,7 +274,9 @@ def test_resume_with_a_changed_lr_is_refused_and_names_the_field(tiny_config):
         train(tiny_config(epochs=1, lr=1e-3, micro_batch_size=4, resume="auto"))
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before  # a refused resume touches nothing
-    train(tiny_config(epochs=1, resume="auto", log_every=5))  # a field that changes nothing is allowed
+    # a field that changes nothing is allowed; the run is finished, so its results are kept as they are
+    assert train(tiny_config(epochs=1, resume="auto", log_every=5)) == json.loads((out / "results.json").read_text())
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 # ----------------------------------------------------------------------------- non-finite steps

@@ -147,6 +147,18 @@ def test_evaluate_command_reproduces_the_test_accuracy(trained, capsys):
     assert metrics["confusion_matrix"] == results["confusion_matrix"]
 
 
+def test_evaluate_in_bf16_agrees_with_fp32(trained, capsys):
+    cfg, results, out = trained  # evaluate casts the weights to bf16 (engine.wrap(inference=True))
+    code = main(["evaluate", "--model_name_or_path", str(out / "model"), "--data_dir", cfg.data_dir,
+                 "--n_test", "0", "--max_length", "64", "--device", "cpu", "--precision", "bf16"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "weights=bf16" in printed
+    metrics = json.loads(printed[printed.index("{"):printed.rindex("}") + 1])
+    assert abs(metrics["accuracy"] - results["accuracy"]) <= 1 / 48 + 1e-9  # a near-tie may flip, no more
+    assert metrics["loss"] == pytest.approx(results["loss"], abs=0.02)
+
+
 def test_predict_command(trained, capsys):
     _, _, out = trained
     code = main(["predict", "great excellent wonderful movie", "awful boring terrible film", "--model_name_or_path",
