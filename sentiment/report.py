@@ -194,7 +194,6 @@ def write_report(run_dir: str | Path, misclassified: list[dict]) -> Path:
     run = Path(run_dir)
     _, eval_rows, results, config = read_run(run)
     results = results or {}
-    eval_name = "validation" if config.get("val_fraction", 0) > 0 else "test"
     lines = [f"# Run report: `{run}`", ""]
 
     lines += ["## Final metrics", ""]
@@ -235,17 +234,15 @@ def write_report(run_dir: str | Path, misclassified: list[dict]) -> Path:
     if config.get("report_to") == "tensorboard":
         lines += [f"The same scalars are in TensorBoard: `tensorboard --logdir {run / 'tensorboard'}`.", ""]
 
-    lines += [f"## Misclassified {eval_name} reviews", ""]
+    lines += ["## Misclassified test reviews", ""]
     if misclassified:
-        lines += [f"The most confidently wrong predictions of the {'best' if eval_name == 'validation' else 'last'} "
-                  f"epoch's model (first {TEXT_CHARS} characters):", ""]
+        lines += [f"The final model's most confidently wrong test predictions (first {TEXT_CHARS} characters):", ""]
         for i, ex in enumerate(misclassified, 1):
             text = html.escape(ex["text"]).replace("|", "\\|")
             lines += [f"{i}. true **{LABEL_NAMES[ex['label']]}**, P(pos) = {ex['p_pos']:.3f}", "",
                       f"   > {text}", ""]
     else:
-        lines += ["None to show: every evaluated review was classified correctly, or the evaluation that picked "
-                  "the model ran before a resume.", ""]
+        lines += ["None: every test review was classified correctly.", ""]
 
     lines += ["## Config", "", "```json", json.dumps(config, indent=2), "```", ""]
     path = run / "report.md"

@@ -214,8 +214,7 @@ def run(cfg: Config, engine: Engine) -> dict:
     dataset = ReviewDataset(splits.train)
     eval_split = splits.val if splits.val is not None else splits.test
     eval_name = "val" if splits.val is not None else "test"
-    report_probs = None  # the best (or, without val, last) epoch's eval probabilities: report.md's misclassified reviews
-    batches, last_eval, train_samples, train_seconds = None, None, 0, 0.0
+    batches, last_eval, train_samples, train_seconds = None, None, 0, 0.0  # last_eval: (metrics, probs)
     stop = StopRequest(engine.print).__enter__()
     bar = tqdm(total=total_steps, initial=start_step, desc="train", disable=(not engine.is_main) or None, dynamic_ncols=True)
     model.train()
@@ -315,11 +314,9 @@ def run(cfg: Config, engine: Engine) -> dict:
             epoch_end = batch_in_epoch == steps_per_epoch - 1
             is_best = False
             if epoch_end:
-                metrics, probs = evaluate(model, eval_split, engine, cfg.eval_batch_size, collate, desc=eval_name)
-                last_eval = metrics
+                last_eval = evaluate(model, eval_split, engine, cfg.eval_batch_size, collate, desc=eval_name)
+                metrics = last_eval[0]
                 is_best = splits.val is not None and metrics["accuracy"] > best_accuracy
-                if is_best or splits.val is None:
-                    report_probs = probs
                 best_accuracy = max(best_accuracy, metrics["accuracy"])
                 log({"step": step + 1, "epoch": epoch + 1, "split": eval_name, **metrics})
                 engine.print(f"eval epoch {epoch + 1} | {eval_name} | "
@@ -359,9 +356,9 @@ def run(cfg: Config, engine: Engine) -> dict:
         raw_model.load_state_dict(ckpt.load_checkpoint(best)["model"])
         engine.print(f"best model: {best.name} (val accuracy {best_accuracy:.4f})")
     if splits.val is None and last_eval is not None:
-        test_metrics = last_eval  # the last epoch's evaluation was on test, with these very weights
+        test_metrics, test_probs = last_eval  # the last epoch's evaluation was on test, with these very weights
     else:
-        test_metrics, _ = evaluate(model, splits.test, engine, cfg.eval_batch_size, collate, desc="test")
+        test_metrics, test_probs = evaluate(model, splits.test, engine, cfg.eval_batch_size, collate, desc="test")
     train_speed = train_samples / train_seconds if train_seconds else None  # None: resumed after the last step
     results = {"test": test_metrics, "best_val_accuracy": best_accuracy if splits.val is not None else None,
                "accuracy": test_metrics["accuracy"], "f1": test_metrics["f1"],
@@ -373,9 +370,8 @@ def run(cfg: Config, engine: Engine) -> dict:
     if engine.is_main:
         save_model(raw_model, tokenizer, out / "model")
         ckpt.write_json(out / "results.json", results)
-        # report.md: metrics, engine decisions, figures (if matplotlib), the most confidently wrong eval reviews
-        write_report(out, [] if report_probs is None else
-                     misclassified(eval_split.texts, eval_split.labels, report_probs))
+        # report.md: metrics, engine decisions, figures (if matplotlib), the most confidently wrong test reviews
+        write_report(out, misclassified(splits.test.texts, splits.test.labels, test_probs))
         if writer:
             writer.close()
     engine.barrier()

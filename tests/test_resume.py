@@ -77,6 +77,10 @@ def assert_same_run(run: Path, reference: Path) -> None:
     results = [{k: v for k, v in json.loads((r / "results.json").read_text()).items() if not is_timing(k)}
                for r in (run, reference)]
     assert results[0] == results[1]
+    # report.md's misclassified reviews come from the final test evaluation, which a resume repeats
+    section = [(r / "report.md").read_text().split("## Misclassified test reviews")[1].split("## Config")[0]
+               for r in (run, reference)]
+    assert section[0] == section[1]
 
 
 # ----------------------------------------------------------------------------- subprocess runs
