@@ -1,4 +1,4 @@
-"""The `sentiment` command: parse flags, build the config, call. No logic lives here.
+"""The `sentiment` command: parse flags, build the config, call.
 
     sentiment train [--preset NAME] [--config FILE.json] [--FIELD VALUE ...]
     sentiment evaluate --model_name_or_path DIR [--test_file F | --data_dir D] [--FIELD VALUE ...]
@@ -73,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         command, args, cfg = parse(argv)
+        if cfg is not None:
+            from sentiment.hub import offline_if_unreachable
+            note = offline_if_unreachable(cfg, command)  # before transformers/datasets are imported
+            if note:
+                print(note, flush=True)
         if command == "train":
             from sentiment.train import train
             train(cfg)

@@ -1,0 +1,61 @@
+"""Whether the Hugging Face hub is reachable, decided once, before any Hugging Face library is imported.
+
+On a machine that cannot reach the hub (an air-gapped cluster node), huggingface_hub retries every
+request five times with backoff: `sentiment train` with a hub model or dataset spent ~50 s printing
+retries before its error, and a model already in the local HF cache was only used after them. When
+the hub's host does not resolve, we switch the libraries to offline mode instead (HF_HUB_OFFLINE,
+read when they are imported): the cache answers at once, and a missing model fails at once with
+our one-line error saying which local path to pass.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from pathlib import Path
+from urllib.parse import urlparse
+
+LOOKUP_TIMEOUT_S = 5.0  # a DNS server that does not answer at all would otherwise block for ~20 s
+
+
+def needs_hub(cfg, command: str) -> bool:
+    """True when the config names something only the hub has: a model that is not a local folder,
+    or (train/evaluate) a dataset with no local file or folder."""
+    if not Path(cfg.model_name_or_path).is_dir():
+        return True
+    return command in ("train", "evaluate") and not (cfg.train_file or cfg.test_file or cfg.data_dir)
+
+
+def host_resolves(host: str, timeout: float = LOOKUP_TIMEOUT_S) -> bool:
+    """True if `host` has an address (a DNS lookup, no connection), within `timeout` seconds."""
+    found: list[bool] = []
+
+    def lookup() -> None:
+        try:
+            found.append(bool(socket.getaddrinfo(host, 443)))
+        except (OSError, UnicodeError):
+            found.append(False)
+
+    thread = threading.Thread(target=lookup, daemon=True)  # getaddrinfo itself takes no timeout
+    thread.start()
+    thread.join(timeout)
+    return bool(found and found[0])
+
+
+def offline_if_unreachable(cfg, command: str) -> str:
+    """Set HF_HUB_OFFLINE=1 when the config needs the hub and its host does not resolve; returns the
+    line saying so, or "" when nothing was decided (the user chose already, a proxy may reach the hub,
+    nothing needs the hub, or it resolves)."""
+    if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE"):
+        return ""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return ""  # the proxy resolves names for us: a local lookup says nothing
+    if not needs_hub(cfg, command):
+        return ""
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    if host_resolves(host):
+        return ""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return (f"hub: {host} does not resolve: offline mode, so only local folders and the Hugging Face "
+            "cache are used (HF_HUB_OFFLINE=1)")
