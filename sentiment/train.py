@@ -154,7 +154,7 @@ def run(cfg: Config, engine: Engine) -> dict:
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
     if resume and resume[1]["step"] >= total_steps and (out / "results.json").is_file():
         # a requeued job whose run had finished: evaluating again would only rewrite its results
-        engine.print(f"resume auto: {resume[0].name} is step {total_steps} of {total_steps}, the run is finished; "
+        engine.print(f"resume: {resume[0].name} is step {total_steps} of {total_steps}, the run is finished; "
                      f"its results stay in {out / 'results.json'}")
         return json.loads((out / "results.json").read_text())
     n_params, n_nonembed = count_params(model)
