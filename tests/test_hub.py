@@ -1,6 +1,7 @@
 """hub.py: offline mode when the hub's host does not resolve, decided before the HF libraries load."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -94,3 +95,20 @@ def test_train_without_the_hub_fails_at_once_with_one_error_line(tiny_dirs, tmp_
                       "offline, pass --model_name_or_path /path/to/a/local/model/folder"]
     assert "Retrying" not in proc.stderr  # huggingface_hub's 2 x 5 retries took ~50 s here
     assert not any(p.is_file() for p in (tmp_path / "run").rglob("*"))
+
+
+def test_a_model_in_the_hf_cache_is_used_at_once_without_the_hub(tiny_dirs, tmp_path):
+    # the cache layout huggingface_hub writes: hub/models--OWNER--NAME/{refs/main, snapshots/REV/...}
+    repo = tmp_path / "hf_home" / "hub" / "models--someone--tiny-bert"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    shutil.copytree(tiny_dirs[0], repo / "snapshots" / "abc123")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT="https://hub.invalid", HF_HOME=str(tmp_path / "hf_home"))
+    proc = subprocess.run([sys.executable, "-m", "sentiment", "predict", "a great film", "--model_name_or_path",
+                           "someone/tiny-bert", "--device", "cpu", "--max_length", "32"],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "hub: hub.invalid does not resolve: offline mode" in proc.stdout
+    assert any(line.endswith("\ta great film") for line in proc.stdout.splitlines())
+    assert "Retrying" not in proc.stderr
