@@ -14,15 +14,26 @@ from sentiment import hub
 from sentiment.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
+# what would skip the lookup (conftest sets HF_HUB_OFFLINE for the other tests) or point it elsewhere
+HUB_SWITCHES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy",
+                "HF_ENDPOINT")
 
 
 @pytest.fixture
 def online_env(monkeypatch):
-    """No offline switch and no proxy set (conftest sets HF_HUB_OFFLINE for the other tests)."""
-    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy",
-                 "HF_ENDPOINT"):
+    """No offline switch, no proxy and the default hub endpoint."""
+    for name in HUB_SWITCHES:
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
+
+
+def sentiment_without_hub(args: list[str], hf_home: Path) -> subprocess.CompletedProcess:
+    """`python -m sentiment ARGS` where the hub's host never resolves (.invalid, RFC 2606): the same
+    as an air-gapped node, on any machine; HF_HOME is the Hugging Face cache it may use."""
+    env = {k: v for k, v in os.environ.items() if k not in HUB_SWITCHES}
+    env.update(HF_ENDPOINT="https://hub.invalid", HF_HOME=str(hf_home))
+    return subprocess.run([sys.executable, "-m", "sentiment", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
 
 
 def lookups(monkeypatch, answer) -> list[str]:
@@ -82,12 +93,8 @@ def test_a_lookup_that_hangs_counts_as_unreachable(monkeypatch):
 
 
 def test_train_without_the_hub_fails_at_once_with_one_error_line(tiny_dirs, tmp_path):
-    # .invalid never resolves (RFC 2606): the same as an air-gapped node, on any machine
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    env.update(HF_ENDPOINT="https://hub.invalid", HF_HOME=str(tmp_path / "hf_home"))
-    proc = subprocess.run([sys.executable, "-m", "sentiment", "train", "--data_dir", str(tiny_dirs[1]),
-                           "--device", "cpu", "--output_dir", str(tmp_path / "run")],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = sentiment_without_hub(["train", "--data_dir", str(tiny_dirs[1]), "--device", "cpu",
+                                  "--output_dir", str(tmp_path / "run")], tmp_path / "hf_home")
     assert proc.returncode == 2
     assert "hub: hub.invalid does not resolve: offline mode" in proc.stdout
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -103,11 +110,8 @@ def test_a_model_in_the_hf_cache_is_used_at_once_without_the_hub(tiny_dirs, tmp_
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("abc123")
     shutil.copytree(tiny_dirs[0], repo / "snapshots" / "abc123")
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    env.update(HF_ENDPOINT="https://hub.invalid", HF_HOME=str(tmp_path / "hf_home"))
-    proc = subprocess.run([sys.executable, "-m", "sentiment", "predict", "a great film", "--model_name_or_path",
-                           "someone/tiny-bert", "--device", "cpu", "--max_length", "32"],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = sentiment_without_hub(["predict", "a great film", "--model_name_or_path", "someone/tiny-bert",
+                                  "--device", "cpu", "--max_length", "32"], tmp_path / "hf_home")
     assert proc.returncode == 0, proc.stderr
     assert "hub: hub.invalid does not resolve: offline mode" in proc.stdout
     assert any(line.endswith("\ta great film") for line in proc.stdout.splitlines())
