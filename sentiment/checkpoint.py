@@ -1,31 +1,51 @@
-"""Checkpoints that survive a kill at any instant, and the run folder's files.
+"""Checkpoints that survive a kill at any instant, and the one function that writes a run's files.
 
 A checkpoint is one `torch.save` file, written to a temp file, fsynced, then `os.replace`d into
-place: a reader sees the old file or the new one, never half of one. `manifest.json` (written the
-same way) says which is the latest and which the best; `keep_last` bounds the disk used.
+place: a reader sees the old file or the new one, never half of one. Each checkpoint names the
+best checkpoint so far (`best_step`), so which model is best is read from the newest checkpoint
+itself: no second file to keep in step with it, whatever instant a kill comes at. `keep_last`
+bounds the disk used; pruning comes after the new checkpoint is in place.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import os
 import re
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sentiment.config import SentimentError
 
 CHECKPOINT_DIR = "checkpoints"
 NAME = re.compile(r"^step_(\d+)\.pt$")
-RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "report.md", CHECKPOINT_DIR, "model",
-             "tensorboard", "plots")  # what a run writes; --overwrite removes exactly these
+# what resume needs besides the weights; a file lacking any is not our checkpoint
+REQUIRED = ("model", "optimizer", "scaler", "step", "best_accuracy", "bad_steps", "config", "rng")
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, over quota, over the file size limit
 
 
 class CheckpointError(SentimentError):
-    """A checkpoint that cannot be used: the message says which file and what to do."""
+    """A checkpoint or run folder that cannot be used: the message says which file and what to do."""
+
+
+@contextlib.contextmanager
+def disk_full_is_an_error(folder: Path, cleanup: Callable[[], None] = lambda: None):
+    """A full disk while writing into `folder` becomes one CheckpointError line naming it, after
+    `cleanup` (removing a temp file) ran: a half-written temp file would only fill the disk further."""
+    try:
+        yield
+    except OSError as e:
+        cleanup()
+        if e.errno not in DISK_FULL:
+            raise
+        raise CheckpointError(f"no space left for the run in {folder} ({os.strerror(e.errno)}); what was "
+                              "written before is intact: free space there, then rerun with --resume auto") from None
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -36,19 +56,46 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
 def atomic_write(path: Path, write) -> None:
-    """Call write(file) on a temp file beside `path`, fsync, and rename it over `path`."""
+    """Call write(file) on a temp file beside `path`, fsync, and rename it over `path`: every file a run
+    writes goes through here (save_pretrained's folder aside), so a kill or a full disk leaves the old
+    file or the new one."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    with disk_full_is_an_error(path.parent, cleanup=lambda: _remove(tmp)):
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
 
 
 def write_json(path: Path, obj: object) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+class AppendFile:
+    """metrics.jsonl: each row goes out in os.write calls on an O_APPEND descriptor, so there is no buffer
+    to flush (and fail to flush) at close; a kill or a full disk leaves at most one torn last line, which
+    truncate_metrics drops on resume."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def append(self, text: str) -> None:
+        data = text.encode()
+        with disk_full_is_an_error(self.path.parent):
+            while data:
+                data = data[os.write(self.fd, data):]
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def checkpoint_paths(folder: Path) -> list[Path]:
@@ -57,28 +104,22 @@ def checkpoint_paths(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def save_checkpoint(output_dir: Path, state: dict, step: int, is_best: bool, keep_last: int) -> Path:
-    """Write `state` as step_NNNNNNN.pt, update the manifest, and prune all but the last `keep_last`
-    and the best. Call on rank 0 only."""
+def save_checkpoint(output_dir: Path, state: dict, keep_last: int) -> Path:
+    """Write `state` as step_NNNNNNN.pt, then prune all but the last `keep_last` and the best one
+    (`state["best_step"]`). Call on rank 0 only."""
     folder = output_dir / CHECKPOINT_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step_{step:07d}.pt"
+    path = folder / f"step_{state['step']:07d}.pt"
     atomic_write(path, lambda f: torch.save(state, f))
-    manifest = read_manifest(folder)
-    best = path.name if is_best else manifest.get("best")
-    keep = [p.name for p in checkpoint_paths(folder)][:keep_last]
-    write_json(folder / "manifest.json", {"latest": path.name, "best": best, "kept": keep})
+    keep = checkpoint_paths(folder)[:keep_last] + [checkpoint_path(output_dir, state["best_step"])]
     for old in checkpoint_paths(folder):
-        if old.name not in keep and old.name != best:
+        if old not in keep:
             old.unlink()
     return path
 
 
-def read_manifest(folder: Path) -> dict:
-    try:
-        return json.loads((folder / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+def checkpoint_path(output_dir: Path, step: int) -> Path:
+    return output_dir / CHECKPOINT_DIR / f"step_{step:07d}.pt"
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -90,9 +131,11 @@ def load_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"checkpoint {path} does not exist; check --resume") from None
     except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, ...
         raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}); "
-                              "delete it, or pass --resume auto to use the newest valid one") from None
-    if not isinstance(state, dict) or "step" not in state or "model" not in state:
-        raise CheckpointError(f"checkpoint {path} is not a sentiment checkpoint; pass another --resume")
+                              "pass another checkpoint, or --resume auto to use the newest valid one") from None
+    missing = [k for k in REQUIRED if k not in state] if isinstance(state, dict) else ["everything"]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is not a sentiment checkpoint (it lacks {', '.join(missing)}); "
+                              "pass another --resume")
     return state
 
 
@@ -101,6 +144,9 @@ def find_resume(resume: str, output_dir: Path, warn: Callable[[str], None] = pri
     (a corrupt newer one is reported with `warn`, e.g. rank 0's print, and skipped), or an explicit
     path; None if `auto` finds none."""
     if resume != "auto":
+        if Path(resume).is_dir():
+            raise CheckpointError(f"--resume {resume} is a folder; pass a checkpoint file in it (e.g. "
+                                  f"{CHECKPOINT_DIR}/step_NNNNNNN.pt), or --resume auto with --output_dir set to the run")
         return Path(resume), load_checkpoint(Path(resume))
     for path in checkpoint_paths(output_dir / CHECKPOINT_DIR):
         try:
@@ -110,34 +156,35 @@ def find_resume(resume: str, output_dir: Path, warn: Callable[[str], None] = pri
     return None
 
 
-def best_checkpoint(output_dir: Path) -> Path | None:
-    name = read_manifest(output_dir / CHECKPOINT_DIR).get("best")
-    return output_dir / CHECKPOINT_DIR / name if name else None
+def fingerprint(tokenizer, train, val) -> dict[str, str]:
+    """Short sha256 digests of what a run learns from and selects on: the token ids and labels actually
+    used (after subsampling, the validation split and truncation), and the tokenizer's vocabulary and
+    special tokens. A resume compares them: the same flags over changed files would train on other data."""
+    def digest(*parts) -> str:
+        h = hashlib.sha256()
+        for part in parts:
+            h.update(np.ascontiguousarray(part).tobytes() if isinstance(part, np.ndarray) else part.encode())
+        return h.hexdigest()[:16]
+
+    vocab = json.dumps([type(tokenizer).__name__, sorted(tokenizer.get_vocab().items()),
+                        tokenizer.all_special_tokens, getattr(tokenizer, "do_lower_case", None)])
+    return {"training data": digest(train.tokens, train.offsets, train.labels),
+            "validation data": digest(val.tokens, val.offsets, val.labels) if val is not None else "",
+            "tokenizer": digest(vocab)}
 
 
-def has_run(output_dir: Path) -> bool:
-    return any((output_dir / name).exists() for name in RUN_FILES)
-
-
-def clear_run(output_dir: Path) -> None:
-    """Remove a previous run's files (only what a run writes: never a user's other files)."""
-    for name in RUN_FILES:
-        p = output_dir / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-
-
-def check_writable(output_dir: Path) -> None:
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise CheckpointError(f"output_dir {output_dir} is not writable ({e.strerror}); "
-                              "pass another --output_dir") from None
+def check_fingerprint(resume: tuple[Path, dict], now: dict[str, str], say: Callable[[str], None]) -> None:
+    path, state = resume
+    saved = state.get("fingerprint")
+    if saved is None:
+        say(f"warning: checkpoint {path} records no data fingerprint (an older version wrote it): "
+            "the data it was trained on cannot be checked")
+        return
+    changed = [k for k in now if saved.get(k) != now[k]]
+    if changed:
+        raise CheckpointError(f"cannot resume from {path}: the {' and the '.join(changed)} differ from what its run "
+                              "used (a data file or the tokenizer changed since); restore them, or start a new "
+                              "run in another --output_dir")
 
 
 def truncate_metrics(path: Path, step: int) -> None:

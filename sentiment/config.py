@@ -215,3 +215,11 @@ def resume_conflicts(saved: dict, cfg: Config) -> list[str]:
     """Fields whose value differs between a checkpoint's config and this run, and that matter."""
     now = cfg.to_dict()
     return sorted(k for k in now if k not in RESUME_SAFE_FIELDS and saved.get(k) != now[k])
+
+
+def refuse_conflicts(saved: dict, cfg: Config, what: str) -> None:
+    """ConfigError naming the fields in which `cfg` differs from the run being resumed (`what`)."""
+    conflicts = resume_conflicts(saved, cfg)
+    if conflicts:
+        raise ConfigError(f"cannot resume {what}: these fields differ from its run: {', '.join(conflicts)}; "
+                          "use the original values or a new --output_dir")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sentiment.checkpoint import atomic_write
 from sentiment.config import ConfigError
 from sentiment.data import LABEL_NAMES
 
@@ -49,7 +50,7 @@ def read_run(run_dir: str | Path) -> tuple[list[dict], list[dict], dict | None, 
 # ----------------------------------------------------------------------------- figures
 
 
-def plot_run(run_dir: str | Path) -> list[Path]:
+def plot_run(run_dir: str | Path, results: dict | None = None) -> list[Path]:
     """Draw the run's figures into RUN/plots/ (see FIGURES); returns the paths written. Figures whose
     data the run has not produced yet (no eval, no results.json) are skipped."""
     if importlib.util.find_spec("matplotlib") is None:
@@ -57,7 +58,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     # the object-oriented API renders with Agg and touches no global pyplot state or backend
     from matplotlib.figure import Figure
 
-    train_rows, eval_rows, results, config = read_run(run_dir)
+    train_rows, eval_rows, on_disk, config = read_run(run_dir)
+    results = results or on_disk  # given while a run finishes: results.json is written after the report
     if not train_rows:
         raise ConfigError(f"{run_dir} has no training steps in metrics.jsonl yet; plot again once it has")
     out = Path(run_dir) / PLOTS_DIR
@@ -188,12 +190,12 @@ def _shorten(text: str) -> str:
     return text if len(text) <= TEXT_CHARS else text[:TEXT_CHARS].rsplit(" ", 1)[0] + " …"
 
 
-def write_report(run_dir: str | Path, misclassified: list[dict]) -> Path:
-    """RUN/report.md: final metrics, engine decisions, figures (drawn now when matplotlib is
-    installed), the given misclassified reviews, and the config. Returns its path."""
+def write_report(run_dir: str | Path, misclassified: list[dict], results: dict | None = None) -> Path:
+    """RUN/report.md: final metrics (`results`, else RUN/results.json), engine decisions, figures (drawn now
+    when matplotlib is installed), the given misclassified reviews, and the config. Returns its path."""
     run = Path(run_dir)
-    _, eval_rows, results, config = read_run(run)
-    results = results or {}
+    _, eval_rows, on_disk, config = read_run(run)
+    results = results or on_disk or {}
     lines = [f"# Run report: `{run}`", ""]
 
     lines += ["## Final metrics", ""]
@@ -229,7 +231,7 @@ def write_report(run_dir: str | Path, misclassified: list[dict]) -> Path:
         lines += ["matplotlib is not installed, so no figures were drawn. `pip install matplotlib`, then "
                   f"`sentiment plot {run}` writes them to `{run / PLOTS_DIR}` and a rerun of training embeds them here.", ""]
     else:
-        for path in plot_run(run):
+        for path in plot_run(run, results):
             lines += [f"![{FIGURES.get(path.name, path.stem)}]({PLOTS_DIR}/{path.name})", ""]
     if config.get("report_to") == "tensorboard":
         lines += [f"The same scalars are in TensorBoard: `tensorboard --logdir {run / 'tensorboard'}`.", ""]
@@ -246,5 +248,5 @@ def write_report(run_dir: str | Path, misclassified: list[dict]) -> Path:
 
     lines += ["## Config", "", "```json", json.dumps(config, indent=2), "```", ""]
     path = run / "report.md"
-    path.write_text("\n".join(lines))
+    atomic_write(path, lambda f: f.write("\n".join(lines).encode()))
     return path

@@ -9,6 +9,7 @@ that resume exactly, and the best model saved with `save_pretrained`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -23,7 +24,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sentiment import checkpoint as ckpt
-from sentiment.config import Config, ConfigError, SentimentError, resume_conflicts
+from sentiment import rundir
+from sentiment.config import Config, ConfigError, SentimentError, refuse_conflicts
 from sentiment.data import ReviewDataset, collator, global_batches, load_splits, micro_batches
 from sentiment.engine import Engine, environment_summary, setup_engine
 from sentiment.evaluate import evaluate
@@ -56,6 +58,7 @@ class StopRequest:
 
     def __init__(self, say=print) -> None:
         self.signal_name = ""
+        self.immediate = ""  # set: a signal stops at once, saying this (e.g. during the final evaluation)
         self._previous = {}
         self._say = say  # engine.print: under torchrun every rank gets the signal, rank 0 says so
 
@@ -71,12 +74,22 @@ class StopRequest:
         if self.signal_name and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
+        if self.immediate:
+            self._say(f"\n{self.signal_name} received {self.immediate}")
+            raise SystemExit(143 if signum == signal.SIGTERM else 130)
         self._say(f"\n{self.signal_name} received: finishing this step, then checkpointing "
                   "(Ctrl-C again to quit at once)")
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGINT to the main process: SLURM and Ctrl-C signal the whole process
+    group, and a worker killed by it would crash the main process before it can checkpoint."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def git_commit() -> str:
@@ -106,9 +119,37 @@ def train(cfg: Config) -> dict:
     """Run one fine-tuning as configured; returns the results (also written to results.json)."""
     engine = setup_engine(cfg.device, cfg.precision, cfg.seed)
     try:
-        return run(cfg, engine)
+        out = Path(cfg.output_dir)
+        rundir.refuse_overlaps(cfg)
+        rundir.refuse_foreign(rundir.inspect(out))  # before the lock: creating it would write into the folder
+        with rundir.RunLock(out, engine.print) if engine.is_main else contextlib.nullcontext():
+            return run(cfg, engine)
     finally:
         engine.close()
+
+
+def plan_start(cfg: Config, folder: rundir.RunFolder, say) -> tuple[tuple[Path, dict] | None, dict | None]:
+    """(checkpoint to resume from or None, results of a finished run to return as they are or None),
+    or a ConfigError saying why this run may not start in `folder`."""
+    if folder.state == "finished" and not cfg.overwrite:
+        if not cfg.resume:
+            raise ConfigError(f"output_dir {folder.path} holds a finished run; --resume auto returns its results, "
+                              "pass another --output_dir for a new run (--overwrite true would delete it)")
+        if cfg.resume != "auto":
+            rundir.check_same_run(ckpt.find_resume(cfg.resume, folder.path, say), folder)
+        refuse_conflicts(json.loads((folder.path / "config.json").read_text()), cfg, f"the finished run in {folder.path}")
+        say(f"resume: the run in {folder.path} is finished; its results stay in {folder.path / 'results.json'}")
+        return None, json.loads((folder.path / "results.json").read_text())
+    resume = ckpt.find_resume(cfg.resume, folder.path, say) if cfg.resume and folder.state != "finished" else None
+    if resume:
+        rundir.check_same_run(resume, folder)
+        refuse_conflicts(resume[1]["config"], cfg, f"from {resume[0]}")
+    elif cfg.resume == "auto":  # what a requeued job passes every time: continue if there is anything to continue
+        say(f"resume auto: no checkpoint in {folder.path}, starting a fresh run")
+    elif folder.state == "started" and not cfg.overwrite:
+        raise ConfigError(f"output_dir {folder.path} holds an unfinished run; pass --resume auto to continue it, or "
+                          "another --output_dir (--overwrite true would delete it and start again)")
+    return resume, None
 
 
 def run(cfg: Config, engine: Engine) -> dict:
@@ -117,25 +158,16 @@ def run(cfg: Config, engine: Engine) -> dict:
 
     # ------------------------------------------------------------------------------ setup
     # Validate everything before anything is written or any expensive work starts.
-    resume = ckpt.find_resume(cfg.resume, out, warn=engine.print) if cfg.resume else None
-    if resume:
-        conflicts = resume_conflicts(resume[1]["config"], cfg)
-        if conflicts:
-            raise ConfigError(f"cannot resume from {resume[0]}: these fields differ from the checkpoint's "
-                              f"run: {', '.join(conflicts)}; use the original values or a new --output_dir")
-    elif cfg.resume == "auto":  # what a requeued job passes every time: continue if there is anything to continue
-        engine.print(f"resume auto: no checkpoint in {out}, starting a fresh run")
-    elif ckpt.has_run(out) and not cfg.overwrite:
-        raise ConfigError(f"output_dir {out} already holds a run; pass --resume auto to continue it, "
-                          "--overwrite true to replace it, or another --output_dir")
+    folder = rundir.inspect(out)  # again, now under the lock: no other run can change it any more
+    resume, finished = plan_start(cfg, folder, engine.print)
+    if finished is not None:
+        return finished
     if cfg.report_to == "tensorboard":
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise ConfigError("report_to=tensorboard needs the tensorboard package: "
                               "pip install tensorboard (or pip install -e .[extras])") from None
-    if engine.is_main:  # only rank 0 writes; ranks probing one file at once would race (issue 4)
-        ckpt.check_writable(out)
 
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     model = load_model(cfg.model_name_or_path, cfg.dropout, cfg.gradient_checkpointing)
@@ -152,11 +184,9 @@ def run(cfg: Config, engine: Engine) -> dict:
     steps_per_epoch = math.ceil(len(splits.train) / global_batch)
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
-    if resume and resume[1]["step"] >= total_steps and (out / "results.json").is_file():
-        # a requeued job whose run had finished: evaluating again would only rewrite its results
-        engine.print(f"resume: {resume[0].name} is step {total_steps} of {total_steps}, the run is finished; "
-                     f"its results stay in {out / 'results.json'}")
-        return json.loads((out / "results.json").read_text())
+    fingerprint = ckpt.fingerprint(tokenizer, splits.train, splits.val)
+    if resume:
+        ckpt.check_fingerprint(resume, fingerprint, engine.print)
     n_params, n_nonembed = count_params(model)
     peak_flops = engine.peak_flops()
 
@@ -167,33 +197,38 @@ def run(cfg: Config, engine: Engine) -> dict:
                                   fused=engine.fused_adamw)
     scaler = engine.grad_scaler()  # a disabled scaler (fp32/bf16) passes everything through
 
-    start_step, best_accuracy, bad_steps = 0, -1.0, 0
+    start_step, best_accuracy, best_step, bad_steps = 0, -1.0, 0, 0  # best_step 0: no best checkpoint yet
     if resume:
         path, state = resume
         raw_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         start_step, best_accuracy, bad_steps = state["step"], state["best_accuracy"], state["bad_steps"]
+        best_step = state.get("best_step", 0)
         if len(state["rng"]) != world:
             engine.print(f"warning: checkpoint was written by {len(state['rng'])} processes, resuming on "
                          f"{world}: dropout masks will differ from an uninterrupted run")
         engine.set_rng_state(state["rng"][engine.rank % len(state["rng"])])
         del state  # the optimizer and model hold copies; free the CPU memory
+    # the first writes: the marker (the folder is ours from here on), then the run's files
+    run_id = folder.run_id if resume and folder.state == "started" else rundir.new_run_id()
     if engine.is_main:
         if resume:
             ckpt.truncate_metrics(out / "metrics.jsonl", start_step)
-        else:
-            ckpt.clear_run(out)
+        elif folder.state in ("started", "finished"):
+            engine.print(f"overwrite: deleting the run in {out} and starting again")
+            rundir.clear_run(out)
+        if run_id != folder.run_id:
+            rundir.mark(out, run_id)
         ckpt.write_json(out / "config.json", cfg.to_dict())
     engine.barrier()  # nobody reads the output dir before rank 0 has prepared it
     writer = SummaryWriter(str(out / "tensorboard")) if cfg.report_to == "tensorboard" and engine.is_main else None
-    metrics_file = open(out / "metrics.jsonl", "a") if engine.is_main else None
+    metrics_file = ckpt.AppendFile(out / "metrics.jsonl") if engine.is_main else None
 
     def log(row: dict) -> None:
         """One row to metrics.jsonl (every step and eval) and to TensorBoard, on rank 0."""
         if metrics_file:
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
+            metrics_file.append(json.dumps(row) + "\n")
         if writer:
             prefix = row.get("split", "train")
             for key, value in row.items():
@@ -230,7 +265,8 @@ def run(cfg: Config, engine: Engine) -> dict:
                 keys = [mb for gb in order for mb in micro_batches(gb, world, accum, engine.rank)]
                 batches = iter(torch.utils.data.DataLoader(
                     dataset, batch_sampler=keys, collate_fn=collate, num_workers=cfg.num_workers,
-                    pin_memory=engine.pin_memory, generator=torch.Generator()))  # own generator: leaves the global RNG alone
+                    pin_memory=engine.pin_memory, generator=torch.Generator(),
+                    worker_init_fn=ignore_stop_signals))  # own generator: leaves the global RNG alone
             lr = lr_at(step, total_steps, warmup_steps, cfg.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -305,10 +341,11 @@ def run(cfg: Config, engine: Engine) -> dict:
             elif engine.is_main and row["skipped"]:
                 bar.write(format_step(row, total_steps))
             if bad_steps >= cfg.max_bad_steps:
+                saved = ckpt.checkpoint_paths(out / ckpt.CHECKPOINT_DIR)
                 raise TrainingError(
                     f"{bad_steps} consecutive steps had a non-finite loss or gradient (last at step {step + 1}); "
-                    f"the last good checkpoint in {out / ckpt.CHECKPOINT_DIR} is intact. Lower --lr, "
-                    "check the data, or use --precision fp32")
+                    + (f"the newest checkpoint, {saved[0]}, is intact" if saved else "no checkpoint was written yet")
+                    + ". Lower --lr, check the data, or use --precision fp32")
 
             # end of epoch: evaluate (validation split if any, else test, as the tutorial does)
             epoch_end = batch_in_epoch == steps_per_epoch - 1
@@ -318,6 +355,7 @@ def run(cfg: Config, engine: Engine) -> dict:
                 metrics = last_eval[0]
                 is_best = splits.val is not None and metrics["accuracy"] > best_accuracy
                 best_accuracy = max(best_accuracy, metrics["accuracy"])
+                best_step = step + 1 if is_best else best_step  # epoch ends always checkpoint
                 log({"step": step + 1, "epoch": epoch + 1, "split": eval_name, **metrics})
                 engine.print(f"eval epoch {epoch + 1} | {eval_name} | "
                              f"loss {metrics['loss']:.4f} | accuracy {metrics['accuracy']:.4f} | "
@@ -329,10 +367,11 @@ def run(cfg: Config, engine: Engine) -> dict:
                 state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict(), "step": step + 1, "epoch": epoch,
                          "batch_in_epoch": batch_in_epoch + 1, "best_accuracy": best_accuracy,
-                         "bad_steps": bad_steps, "config": cfg.to_dict(),
+                         "best_step": best_step, "bad_steps": bad_steps, "config": cfg.to_dict(),
+                         "run_id": run_id, "fingerprint": fingerprint,
                          "rng": engine.all_gather_objects(engine.rng_state())}
                 if engine.is_main:
-                    ckpt.save_checkpoint(out, state, step + 1, is_best, cfg.keep_last)
+                    ckpt.save_checkpoint(out, state, cfg.keep_last)
                 engine.barrier()
             if stop_now:
                 engine.print(f"stopped by {stop.signal_name or 'another rank'} after step {step + 1}; "
@@ -343,52 +382,61 @@ def run(cfg: Config, engine: Engine) -> dict:
             f"out of memory at micro_batch_size={cfg.micro_batch_size}, max_length={cfg.max_length}: lower "
             f"--micro_batch_size and raise --grad_accum_steps to keep the global batch of {global_batch}, "
             "or pass --gradient_checkpointing true") from None
-    finally:
+    except BaseException:
         stop.__exit__()
+        raise
+    finally:
         bar.close()
         if metrics_file:
             metrics_file.close()
 
     # ------------------------------------------------------------------------------ teardown
-    # The best model by validation accuracy when there is a validation split, else the last one.
-    best = ckpt.best_checkpoint(out) if splits.val is not None else None
-    if best is not None:
-        raw_model.load_state_dict(ckpt.load_checkpoint(best)["model"])
-        engine.print(f"best model: {best.name} (val accuracy {best_accuracy:.4f})")
-    if splits.val is None and last_eval is not None:
-        test_metrics, test_probs = last_eval  # the last epoch's evaluation was on test, with these very weights
-    else:
-        test_metrics, test_probs = evaluate(model, splits.test, engine, cfg.eval_batch_size, collate, desc="test")
-    train_speed = train_samples / train_seconds if train_seconds else None  # None: resumed after the last step
-    results = {"test": test_metrics, "best_val_accuracy": best_accuracy if splits.val is not None else None,
-               "accuracy": test_metrics["accuracy"], "f1": test_metrics["f1"],
-               "precision": test_metrics["precision"], "recall": test_metrics["recall"],
-               "loss": test_metrics["loss"], "confusion_matrix": test_metrics["confusion_matrix"],
-               "steps": total_steps, "samples_per_second": train_speed,
-               "train_seconds": train_seconds, "runtime_s": time.perf_counter() - started,
-               "peak_mem_mb": engine.peak_memory_mb(), "engine": list(engine.decisions), "environment": env}
-    if engine.is_main:
-        save_model(raw_model, tokenizer, out / "model")
-        ckpt.write_json(out / "results.json", results)
-        # report.md: metrics, engine decisions, figures (if matplotlib), the most confidently wrong test reviews
-        write_report(out, misclassified(splits.test.texts, splits.test.labels, test_probs))
-        if writer:
-            writer.close()
-    engine.barrier()
-    engine.print(f"test | accuracy {test_metrics['accuracy']:.4f} | f1 {test_metrics['f1']:.4f} | "
-                 f"loss {test_metrics['loss']:.4f} | {train_speed or 0:.1f} train ex/s | "
-                 f"{results['runtime_s']:.0f} s | model saved to {out / 'model'}")
+    # Training is over and checkpointed: a stop signal now ends the run at once; a resume finishes it.
+    stop.immediate = ("during the final evaluation: training is finished and checkpointed; stopping now. Run the "
+                      "same command with --resume auto to evaluate and save the model")
+    try:
+        # The best model by validation accuracy when there is a validation split, else the last one.
+        best = ckpt.checkpoint_path(out, best_step) if splits.val is not None and best_step else None
+        if best is not None:
+            raw_model.load_state_dict(ckpt.load_checkpoint(best)["model"])
+            engine.print(f"best model: {best.name} (val accuracy {best_accuracy:.4f})")
+        if splits.val is None and last_eval is not None:
+            test_metrics, test_probs = last_eval  # the last epoch's evaluation was on test, with these very weights
+        else:
+            test_metrics, test_probs = evaluate(model, splits.test, engine, cfg.eval_batch_size, collate, desc="test")
+        train_speed = train_samples / train_seconds if train_seconds else None  # None: resumed after the last step
+        results = {"test": test_metrics, "best_val_accuracy": best_accuracy if splits.val is not None else None,
+                   "accuracy": test_metrics["accuracy"], "f1": test_metrics["f1"],
+                   "precision": test_metrics["precision"], "recall": test_metrics["recall"],
+                   "loss": test_metrics["loss"], "confusion_matrix": test_metrics["confusion_matrix"],
+                   "steps": total_steps, "samples_per_second": train_speed,
+                   "train_seconds": train_seconds, "runtime_s": time.perf_counter() - started,
+                   "peak_mem_mb": engine.peak_memory_mb(), "engine": list(engine.decisions), "environment": env}
+        if engine.is_main:
+            save_model(raw_model, tokenizer, out / "model")
+            # report.md: metrics, engine decisions, figures (if matplotlib), the most confidently wrong test reviews
+            write_report(out, misclassified(splits.test.texts, splits.test.labels, test_probs), results)
+            if writer:
+                writer.close()
+            ckpt.write_json(out / "results.json", results)  # last: its presence marks the run finished
+        engine.barrier()
+        engine.print(f"test | accuracy {test_metrics['accuracy']:.4f} | f1 {test_metrics['f1']:.4f} | "
+                     f"loss {test_metrics['loss']:.4f} | {train_speed or 0:.1f} train ex/s | "
+                     f"{results['runtime_s']:.0f} s | model saved to {out / 'model'}")
+    finally:
+        stop.__exit__()
     return results
 
 
 def save_model(model: torch.nn.Module, tokenizer, folder: Path) -> None:
     """save_pretrained model + tokenizer into a temp folder, then rename: `folder` is whole or absent."""
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    old = folder.with_name(f".{folder.name}.old")
+    tmp, old = folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.old")
+    for leftover in (tmp, old):  # from a run killed in here: only ever our own temp folders
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    with ckpt.disk_full_is_an_error(folder.parent, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     if folder.exists():
         folder.rename(old)
     tmp.rename(folder)

@@ -208,8 +208,8 @@ def test_only_rank_zero_writes_files_and_logs(ddp_run):
     assert "test | accuracy" in ddp_run["console"][0, "stdout"]
     names = {p.name for p in run.rglob("*")}
     assert {"config.json", "metrics.jsonl", "results.json", "model.safetensors"} <= names
-    assert not [n for n in names if n.startswith(".")]  # no leftover temp or probe files
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["manifest.json", "step_0000012.pt"]
+    assert [n for n in names if n.startswith(".")] == [".sentiment-run.json"]  # the marker; no temp or probe files
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000012.pt"]
     rng = torch.load(run / "checkpoints" / "step_0000012.pt", weights_only=False)["rng"]
     assert len(rng) == 2  # every rank's RNG state, gathered by rank 0
 

@@ -89,10 +89,11 @@ def files(tmp_path, tiny_dirs):
 
 
 def make_existing_run(out: Path) -> dict[str, bytes]:
-    """A previous run's files in `out` (plus a user's own file); returns path -> bytes to compare later."""
+    """A previous (unfinished) run's files in `out`, marked as ours, plus a user's own file; returns
+    path -> bytes to compare later."""
+    write(out / ".sentiment-run.json", json.dumps({"run_id": "0123456789ab", "program": "sentiment"}))
     write(out / "config.json", json.dumps({"lr": 1e-5}))
     write(out / "metrics.jsonl", '{"step": 1, "loss": 0.7}\n')
-    write(out / "results.json", json.dumps({"accuracy": 0.91}))
     write(out / "model" / "config.json", "{}")
     write(out / "checkpoints" / "step_0000001.pt", b"old checkpoint bytes")
     write(out / "notes.txt", "the user's own file")
@@ -193,7 +194,8 @@ def test_existing_run_is_not_overwritten(files, tmp_path, capsys):
                  "--max_length", "64", "--output_dir", str(out)])
     err = error_line(capsys.readouterr().err)
     assert code != 0
-    assert f"output_dir {out} already holds a run" in err and "--overwrite true" in err and "--resume auto" in err
+    assert f"output_dir {out} holds an unfinished run; pass --resume auto to continue it" in err
+    assert "--overwrite true would delete it" in err
     assert snapshot(out) == before
 
 
@@ -209,6 +211,7 @@ def test_overwrite_replaces_only_the_runs_files(files, tmp_path):
     assert (out / "checkpoints" / "step_0000001.pt").read_bytes() != b"old checkpoint bytes"
     assert json.loads((out / "config.json").read_text())["n_train"] == 8
     assert json.loads((out / "results.json").read_text())["steps"] == 1
+    assert json.loads((out / ".sentiment-run.json").read_text())["run_id"] != "0123456789ab"  # a new run
 
 
 @pytest.mark.parametrize("make_unwritable", ["under_a_file", "read_only_dir"])

@@ -273,8 +273,8 @@ def test_resume_with_a_changed_lr_is_refused_and_names_the_field(tiny_config):
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(ConfigError) as refused:
         train(tiny_config(epochs=1, lr=1e-3, resume="auto"))
-    assert "these fields differ from the checkpoint's run: lr; " in str(refused.value)
-    with pytest.raises(ConfigError, match=r"run: lr, micro_batch_size; "):
+    assert "these fields differ from its run: lr; " in str(refused.value)
+    with pytest.raises(ConfigError, match=r"its run: lr, micro_batch_size; "):
         train(tiny_config(epochs=1, lr=1e-3, micro_batch_size=4, resume="auto"))
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before  # a refused resume touches nothing

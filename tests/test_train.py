@@ -260,14 +260,15 @@ def test_bf16_run_on_cpu(tiny_config):
 
 
 def test_validation_split_selects_the_best_model(tiny_config, tmp_path):
-    from sentiment.checkpoint import best_checkpoint, load_checkpoint
+    from sentiment.checkpoint import checkpoint_path, checkpoint_paths, load_checkpoint
 
     out = tmp_path / "val"
     results = train(tiny_config(val_fraction=0.25, epochs=3, dropout=0.0, output_dir=str(out)))
     _, evals = read_metrics(out)
     assert [r["split"] for r in evals] == ["val"] * 3
     assert results["best_val_accuracy"] == max(r["accuracy"] for r in evals)
-    best = load_checkpoint(best_checkpoint(out))
+    newest = load_checkpoint(checkpoint_paths(out / "checkpoints")[0])  # it names the best checkpoint
+    best = load_checkpoint(checkpoint_path(out, newest["best_step"]))
     best_epoch = 1 + [r["accuracy"] for r in evals].index(results["best_val_accuracy"])
     assert best["step"] == best_epoch * 9  # 72 training reviews / 8
     saved = saved_weights(out)

@@ -1,0 +1,178 @@
+"""The run folder: whose it is, who is writing it, and whether its run is finished.
+
+A folder is ours only if it holds our marker, `.sentiment-run.json` (with the run's id), written
+before any other file of the run. We never delete or overwrite anything in a folder without it,
+whatever the flags. One process writes a run folder at a time: it holds an advisory lock
+(`flock`) on `.sentiment-run.lock`, which the kernel releases when the process dies, so a lock
+left by a killed run is simply taken over. A run is finished once `results.json` exists: it is
+the last file a run writes.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from sentiment.checkpoint import CHECKPOINT_DIR, CheckpointError, write_json
+from sentiment.config import Config, ConfigError
+
+MARKER = ".sentiment-run.json"
+LOCK = ".sentiment-run.lock"
+OURS = (MARKER, LOCK)  # with their temp files (".<name>.tmp"): what an empty folder may already hold
+RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "report.md", CHECKPOINT_DIR, "model",
+             "tensorboard", "plots")  # what a run writes; --overwrite removes exactly these, in our folders only
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    path: Path
+    state: str  # absent | empty | foreign (not ours) | new (ours, nothing written yet) | started | finished
+    run_id: str = ""  # from the marker; "" unless ours
+    others: tuple[str, ...] = ()  # foreign: a few of the names in it, for the error message
+
+
+def _is_ours(name: str) -> bool:
+    return any(name in (n, f".{n}.tmp") for n in OURS)
+
+
+def inspect(path: Path) -> RunFolder:
+    """What `path` is, read-only."""
+    if not path.exists():
+        return RunFolder(path, "absent")
+    if not path.is_dir():
+        raise CheckpointError(f"output_dir {path} is a file, not a folder; pass another --output_dir")
+    names = sorted(p.name for p in path.iterdir())
+    try:
+        run_id = json.loads((path / MARKER).read_text())["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        others = tuple(n for n in names if not _is_ours(n))
+        return RunFolder(path, "foreign", others=others[:5]) if others else RunFolder(path, "empty")
+    if (path / "results.json").is_file():
+        return RunFolder(path, "finished", run_id)
+    return RunFolder(path, "started" if any(n in RUN_FILES for n in names) else "new", run_id)
+
+
+def refuse_foreign(folder: RunFolder) -> None:
+    if folder.state == "foreign":
+        raise ConfigError(
+            f"output_dir {folder.path} already holds files that sentiment did not write ({', '.join(folder.others)}"
+            f"{', ...' if len(folder.others) == 5 else ''}) and no {MARKER} run marker; nothing there is "
+            "touched: pass a new or empty --output_dir")
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    child, parent = child.resolve(), parent.resolve()
+    return child == parent or parent in child.parents
+
+
+def refuse_overlaps(cfg: Config) -> None:
+    """output_dir must not be, or lie inside, the model folder or a data folder (a run would write its
+    config.json and model/ over theirs), and no input may lie inside the run files of output_dir."""
+    out = Path(cfg.output_dir)
+    inputs = {"--model_name_or_path": cfg.model_name_or_path, "--data_dir": cfg.data_dir}
+    for flag, value in inputs.items():
+        if value and Path(value).is_dir() and _inside(out, Path(value)):
+            raise ConfigError(f"output_dir {out} is inside the {flag} folder {value}; a run there would write "
+                              "over its files: pass an --output_dir outside it")
+    for flag, value in {**inputs, "--train_file": cfg.train_file, "--test_file": cfg.test_file}.items():
+        if value and any(_inside(Path(value), out / name) for name in RUN_FILES):
+            raise ConfigError(f"{flag} {value} lies inside the run files of output_dir {out}, which this run "
+                              "replaces: copy it elsewhere or pass another --output_dir")
+        if flag.endswith("_file") and value and Path(value).parent.resolve() == out.resolve():
+            raise ConfigError(f"output_dir {out} is the folder of {flag} {value}; pass an --output_dir of its own")
+
+
+def check_same_run(resume: tuple[Path, dict], folder: RunFolder) -> None:
+    """An explicit checkpoint may continue the run of the folder it is resumed into, not another one."""
+    path, state = resume
+    if folder.state in ("started", "finished") and state.get("run_id") != folder.run_id:
+        raise ConfigError(f"checkpoint {path} belongs to another run than the one in output_dir {folder.path}; "
+                          "nothing was changed: pass a new --output_dir to continue that checkpoint there")
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def mark(path: Path, run_id: str) -> None:
+    """The first file of a run: from here on the folder is ours."""
+    write_json(path / MARKER, {"run_id": run_id, "program": "sentiment"})
+
+
+def clear_run(path: Path) -> None:
+    """Remove a previous run's files from a folder we marked (never anything else in it)."""
+    for name in RUN_FILES:
+        p = path / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+
+
+class RunLock:
+    """`with RunLock(folder):` holds the folder's advisory lock; a second writer fails at once naming the
+    holder's PID. Creates the folder if needed, and removes it again on exit if it is still empty then
+    (a run refused before writing anything leaves nothing behind)."""
+
+    def __init__(self, path: Path, say=print) -> None:
+        self.path, self.say = path, say
+        self.fd: int | None = None
+        self.created = False
+
+    def __enter__(self) -> "RunLock":
+        try:
+            self.created = not self.path.exists()
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._acquire()
+        except OSError as e:
+            raise CheckpointError(f"output_dir {self.path} is not writable ({e.strerror or e}); "
+                                  "pass another --output_dir") from None
+        return self
+
+    def _acquire(self) -> None:
+        lock = self.path / LOCK
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                if e.errno in (errno.EAGAIN, errno.EACCES):
+                    raise ConfigError(f"output_dir {self.path} is in use by another run (PID {holder}); wait for it "
+                                      "to finish, stop it, or pass another --output_dir") from None
+                raise
+            try:
+                same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+            except FileNotFoundError:  # the holder removed it between our open and our lock: try again
+                same = False
+            if same:
+                break
+            os.close(fd)
+        previous = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        if previous:  # a clean exit removes the file: this holder was killed
+            self.say(f"run folder: taking over the lock left by PID {previous}, which is no longer running")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self.fd = fd
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path / LOCK)  # while still holding it: see the inode check in _acquire
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+        if self.created:
+            try:
+                self.path.rmdir()  # only if empty: this run wrote nothing
+            except OSError:
+                pass
