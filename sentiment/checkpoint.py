@@ -40,11 +40,14 @@ def disk_full_is_an_error(folder: Path, cleanup: Callable[[], None] = lambda: No
     `cleanup` (removing a temp file) ran: a half-written temp file would only fill the disk further."""
     try:
         yield
-    except OSError as e:
+    except Exception as e:
         cleanup()
-        if e.errno not in DISK_FULL:
+        cause = e  # torch.save reports ENOSPC as a RuntimeError raised while handling the OSError
+        while cause is not None and not (isinstance(cause, OSError) and cause.errno in DISK_FULL):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
             raise
-        raise CheckpointError(f"no space left for the run in {folder} ({os.strerror(e.errno)}); what was "
+        raise CheckpointError(f"no space left for the run in {folder} ({os.strerror(cause.errno)}); what was "
                               "written before is intact: free space there, then rerun with --resume auto") from None
 
 

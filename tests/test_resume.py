@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from sentiment import checkpoint as ckpt
 from sentiment import train as train_module
 from sentiment.config import Config, ConfigError
+from sentiment.tiny import make_reviews, write_jsonl
 from sentiment.train import TrainingError, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -346,3 +347,114 @@ def test_repeated_nans_stop_the_run_with_the_last_good_checkpoint_intact(tiny_co
     assert same_weights(state["model"], before_step[4])  # the weights after step 4, the last good update
     model = train_module.load_model(cfg.model_name_or_path)
     model.load_state_dict(state["model"])  # loadable as it is
+
+
+# ----------------------------------------------------------------------------- signals to the whole group, disks
+
+
+def test_sigterm_to_the_process_group_with_dataloader_workers_checkpoints_and_resumes(reference, tmp_path, capsys):
+    """What SLURM and Ctrl-C do: the signal reaches every process of the group, DataLoader workers included."""
+    values, reference_run = reference
+    run, log = tmp_path / "run", tmp_path / "log.txt"
+    values = {**values, "output_dir": run, "num_workers": 2}
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "sentiment", "train", *cli_args(values)], cwd=REPO, env=env(),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while last_step(run) < 5:
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143, log.read_text()[-3000:]
+    output = log.read_text()
+    assert "checkpoint written. Resume with the same flags plus --resume auto" in output
+    assert "Traceback" not in output and "killed by signal" not in output
+    stopped = last_step(run)
+    output = resume_in_process({**values, "num_workers": 0}, capsys)  # workers change nothing in the math
+    assert f"resuming at step {stopped}" in output
+    assert_same_run(run, reference_run)
+
+
+def test_sigterm_during_the_final_evaluation_says_what_happens_next(tiny_dirs, tmp_path, capsys):
+    model_dir, _ = tiny_dirs
+    data = tmp_path / "data"
+    write_jsonl(data / "train.jsonl", make_reviews(32, seed=3))
+    write_jsonl(data / "test.jsonl", make_reviews(4000, seed=4))  # a final evaluation long enough to hit
+    run, log = tmp_path / "run", tmp_path / "log.txt"
+    values = {**settings(model_dir, data, run), "n_train": 32, "val_fraction": 0.25, "epochs": 2}
+    proc = start(values, log)
+    deadline = time.monotonic() + 240
+    while "best model:" not in log.read_text():  # printed just before the final test evaluation
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143, log.read_text()[-3000:]
+    assert ("SIGTERM received during the final evaluation: training is finished and checkpointed; stopping now. "
+            "Run the same command with --resume auto to evaluate and save the model") in log.read_text()
+    assert not (run / "results.json").exists()
+    results = train(Config(**{**values, "resume": "auto"}))
+    assert (run / "results.json").is_file() and results["steps"] == 2 * 3
+    assert results == train(Config(**{**values, "output_dir": str(tmp_path / "uninterrupted")})) | {
+        k: results[k] for k in results if is_timing(k) or k == "samples_per_second"}
+
+
+@pytest.mark.parametrize("limit", ["tmpfs", "file_size"])
+def test_disk_full_at_a_checkpoint_is_one_line_and_resumes_bitwise(limit, reference, tmp_path, capsys):
+    """A full disk: a small tmpfs that holds one checkpoint but not two (where this machine lets us mount
+    one), and a file-size limit that no checkpoint fits (EFBIG, the same writes fail): one error line
+    naming the folder, no temp file left, the earlier checkpoint intact, a bitwise resume once there is space."""
+    values, reference_run = reference
+    tmpfs = limit == "tmpfs"
+    if tmpfs:
+        (tmp_path / "fs").mkdir()
+        try:
+            mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(tmp_path / "fs")],
+                                     capture_output=True).returncode == 0
+        except OSError:
+            mounted = False
+        if not mounted:
+            pytest.skip("cannot mount a tmpfs here (needs root); the file_size case covers the same writes")
+    run = (tmp_path / "fs" / "run") if tmpfs else (tmp_path / "run")
+    values = {**values, "output_dir": str(run), "save_every": 1}
+    try:
+        size = _checkpoint_size(values, tmp_path)
+        if tmpfs:  # the first checkpoint fits, the second does not while the first is still there
+            subprocess.run(["mount", "-o", f"remount,size={size * 3 // 2}", str(tmp_path / "fs")], check=True)
+            limit = None
+        else:
+            limit = size // 2  # no checkpoint fits; the small files (config, metrics) do
+        proc = subprocess.run([sys.executable, "-m", "sentiment", "train", *cli_args(values)], cwd=REPO, env=env(),
+                              capture_output=True, text=True, timeout=240,
+                              preexec_fn=(lambda: _limit_file_size(limit)) if limit else None)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        err = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+        assert "Traceback" not in proc.stderr and len(err) == 1, proc.stderr[-3000:]
+        assert err[0].startswith(f"error: no space left for the run in {run / 'checkpoints'} (")
+        assert "free space there, then rerun with --resume auto" in err[0]
+        assert not [p for p in run.rglob("*.tmp")], "a temp file was left filling the disk"
+        kept = ckpt.checkpoint_paths(run / "checkpoints")
+        if tmpfs:
+            assert [p.name for p in kept] == ["step_0000001.pt"] and ckpt.load_checkpoint(kept[0])["step"] == 1
+            subprocess.run(["mount", "-o", "remount,size=64m", str(tmp_path / "fs")], check=True)
+        else:
+            assert kept == []
+        output = resume_in_process(values, capsys)
+        assert ("resuming at step 1" if tmpfs else "starting a fresh run") in output
+        assert_same_run(run, reference_run)
+    finally:
+        if tmpfs:
+            subprocess.run(["umount", str(tmp_path / "fs")], check=False)
+
+
+def _checkpoint_size(values: dict, tmp_path: Path) -> int:
+    """Bytes of one checkpoint of this run (from a 1-step run elsewhere)."""
+    probe = {**values, "output_dir": str(tmp_path / "size_probe"), "n_train": 8, "epochs": 1}
+    train(Config(**probe))
+    return ckpt.checkpoint_paths(Path(probe["output_dir"]) / "checkpoints")[0].stat().st_size
+
+
+def _limit_file_size(limit: int) -> None:
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of being killed
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
