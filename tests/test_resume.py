@@ -458,3 +458,77 @@ def _limit_file_size(limit: int) -> None:
 
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of being killed
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+# ----------------------------------------------------------------------------- a kill at every write
+
+KILL_AT_EVERY_WRITE = """
+import json, os, signal, sys
+import torch
+from sentiment.cli import main
+
+argv, root = json.loads(sys.argv[1]), sys.argv[2]
+PRIMITIVES = ("replace", "rename", "unlink", "rmdir")  # what makes a written file visible, or removes one
+
+
+def child(out, kill_at, extra=(), wait=True):
+    # one run in a forked child: this process imported everything once, so each run costs no start-up
+    pid = os.fork()
+    if pid == 0:
+        log = os.open(out + ".log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        os.dup2(log, 1), os.dup2(log, 2)
+        torch.set_num_threads(1)
+        real, count = {name: getattr(os, name) for name in PRIMITIVES}, [0]
+
+        def counting(name):
+            def call(*args, **kwargs):
+                count[0] += 1
+                if count[0] == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return real[name](*args, **kwargs)
+            return call
+
+        for name in PRIMITIVES:
+            setattr(os, name, counting(name))
+        code = main([*argv, "--output_dir", out, *extra])
+        os.write(1, f"\\nwrites: {count[0]}\\n".encode())
+        os._exit(code)
+    return os.waitpid(pid, 0)[1] if wait else pid
+
+
+assert child(root + "/warmup", 0) == 0  # fills the tokenization cache, whose writes would shift the count
+assert child(root + "/reference", 0) == 0
+writes = int(open(root + "/reference.log").read().rsplit("writes: ", 1)[1])
+for first in range(1, writes + 1, 2):  # two runs at a time, one per core
+    outs = {n: f"{root}/kill_{n:03d}" for n in range(first, min(first + 2, writes + 1))}
+    for n, pid in [(n, child(out, n, wait=False)) for n, out in outs.items()]:
+        status = os.waitpid(pid, 0)[1]
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (n, status)
+    for n, pid in [(n, child(out, 0, ["--resume", "auto"], wait=False)) for n, out in outs.items()]:
+        assert os.waitpid(pid, 0)[1] == 0, open(outs[n] + ".log").read()[-3000:]
+print(writes)
+"""
+
+
+def test_a_kill_at_every_write_resumes_to_the_same_model_and_results(tiny_dirs, tmp_path):
+    """SIGKILL before each change a run makes to what is on disk (each rename, unlink and rmdir), then
+    `--resume auto`: every prefix of the writes is a consistent state. With a validation split, so the
+    best checkpoint (read from the newest checkpoint itself) decides which model is saved."""
+    values = {**settings(*tiny_dirs, tmp_path), "n_train": 24, "val_fraction": 0.25, "micro_batch_size": 6}
+    argv = ["train", *cli_args({k: v for k, v in values.items() if k != "output_dir"})]
+    script = tmp_path / "kill_at_every_write.py"
+    script.write_text(KILL_AT_EVERY_WRITE)
+    proc = subprocess.run([sys.executable, str(script), json.dumps(argv), str(tmp_path)], cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    writes = int(proc.stdout.split()[-1])
+    assert writes >= 10  # marker, config, 3 checkpoints and their pruning, model, report, results, lock
+    reference = tmp_path / "reference"
+    for n in range(1, writes + 1):
+        run = tmp_path / f"kill_{n:03d}"
+        got, want = weights(run), weights(reference)
+        assert all(torch.equal(got[k], want[k]) for k in want), f"kill at write {n}: other weights"
+        assert rows(run) == rows(reference), f"kill at write {n}: other metrics"
+        results = [{k: v for k, v in json.loads((r / "results.json").read_text()).items() if not is_timing(k)}
+                   for r in (run, reference)]
+        assert results[0] == results[1], f"kill at write {n}: other results"
