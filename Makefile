@@ -23,20 +23,16 @@ RUN ?= runs/latest
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# Metadata lives in setup.cfg alone (no setup.py/pyproject.toml), which pip cannot read directly:
-# setuptools builds an editable wheel from it (code changes apply without reinstalling), pip installs that.
-WHEEL = $$(ls $(VENV)/wheel/sentiment-*.whl)
-
-$(VENV)/.installed: setup.cfg | $(PY)
+# Metadata lives in setup.cfg; pyproject.toml only names the build backend (setuptools>=70.1, which
+# builds wheels without the separate `wheel` package), so pip's build isolation fetches a new enough
+# setuptools whatever the environment has. -e: code changes apply without reinstalling.
+$(VENV)/.installed: setup.cfg pyproject.toml | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH)
-	$(PY) -m pip install "setuptools>=64"
-	rm -rf $(VENV)/wheel
-	$(PY) -c "from setuptools import setup; setup()" -q editable_wheel --dist-dir $(VENV)/wheel
-	$(PY) -m pip install "$(WHEEL)[extras]"
+	$(PY) -m pip install -e ".[extras]"
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PY) -m pip install "$(WHEEL)[test]"
+	$(PY) -m pip install -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed

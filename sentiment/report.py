@@ -54,7 +54,7 @@ def plot_run(run_dir: str | Path, results: dict | None = None) -> list[Path]:
     """Draw the run's figures into RUN/plots/ (see FIGURES); returns the paths written. Figures whose
     data the run has not produced yet (no eval, no results.json) are skipped."""
     if importlib.util.find_spec("matplotlib") is None:
-        raise ConfigError("plots need matplotlib: pip install matplotlib (or pip install -e .[extras])")
+        raise ConfigError("plots need matplotlib: pip install matplotlib (or pip install -e \".[extras]\")")
     # the object-oriented API renders with Agg and touches no global pyplot state or backend
     from matplotlib.figure import Figure
 

