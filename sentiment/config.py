@@ -26,6 +26,10 @@ class ConfigError(SentimentError, ValueError):
     """A bad config value, key or file: the message names the problem and the fix."""
 
 
+class DataError(SentimentError, ValueError):
+    """Bad or missing data: the message names the file, the problem and the fix."""
+
+
 TRUNCATIONS = ("head", "tail", "head_tail")
 PADDINGS = ("dynamic", "max_length")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
