@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
+import math
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -24,10 +26,15 @@ class ConfigError(SentimentError, ValueError):
     """A bad config value, key or file: the message names the problem and the fix."""
 
 
+class DataError(SentimentError, ValueError):
+    """Bad or missing data: the message names the file, the problem and the fix."""
+
+
 TRUNCATIONS = ("head", "tail", "head_tail")
 PADDINGS = ("dynamic", "max_length")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 REPORT_TO = ("none", "tensorboard")
+SEED_MAX = 2**32 - 1  # numpy's seed range (np.random.seed, default_rng): a larger seed is a traceback
 DATASET_ALIASES = {"imdb": "stanfordnlp/imdb"}  # the tutorial's bare id; the hub now wants namespace/name
 
 
@@ -81,8 +88,15 @@ class Config:
     report_to: str = "none"  # none | tensorboard (needs the `tensorboard` package)
 
     def __post_init__(self) -> None:
+        for name, kind in _field_types().items():
+            value = _typed(name, kind, getattr(self, name))
+            object.__setattr__(self, name, value)  # frozen: the one sanctioned write, int -> float
+            if kind is float and not math.isfinite(value):
+                raise ConfigError(f"{name}={value} must be a finite number")
+        if not 0 <= self.seed <= SEED_MAX:
+            raise ConfigError(f"seed={self.seed} must be in 0..{SEED_MAX} (numpy's seed range)")
         for name, low in (("n_train", 0), ("n_test", 0), ("num_workers", 0), ("log_every", 0),
-                          ("save_every", 0), ("keep_last", 1), ("seed", 0)):
+                          ("save_every", 0), ("keep_last", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= {low}")
         for name in ("epochs", "micro_batch_size", "grad_accum_steps", "eval_batch_size",
@@ -141,9 +155,45 @@ PRESETS: dict[str, dict] = {
 }
 
 
+@functools.cache
 def _field_types() -> dict[str, type]:
     hints = typing.get_type_hints(Config)
     return {f.name: hints[f.name] for f in fields(Config)}
+
+
+TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not to us
+
+
+def _typed(name: str, kind: type, value: object) -> object:
+    """`value` if it has the field's type (an int for a float field becomes a float); else ConfigError."""
+    if kind is float and _is_int(value):
+        return float(value)
+    if (kind is int and _is_int(value)) or (kind is not int and isinstance(value, kind)):
+        return value
+    raise ConfigError(f"{name}={value!r} must be {TYPE_NAMES[kind]}, got {type(value).__name__}")
+
+
+# JSON values a config file may hold per field type: 2.0 is an integer, `true` is not 1, a list is no path
+JSON_TYPE_OK = {
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: _is_int(v) or (isinstance(v, float) and v.is_integer()),
+    float: lambda v: _is_int(v) or isinstance(v, float),
+    str: lambda v: isinstance(v, str),
+}
+
+
+def check_file_types(data: dict, path: str) -> None:
+    """A config file's values must have their field's JSON type: coercing them like CLI strings would
+    turn `true` into 1 and a list into a path string."""
+    for key, value in data.items():
+        kind = _field_types()[key]
+        if not JSON_TYPE_OK[kind](value):
+            raise ConfigError(f"config file {path}: {key!r} expects {TYPE_NAMES[kind]}, got {json.dumps(value)}; "
+                              "fix that value")
 
 
 def coerce(name: str, value: object) -> object:
@@ -197,10 +247,13 @@ def build_config(preset: str = "", config_file: str = "", overrides: dict | None
             hint = f"did you mean {close[0]}? " if close else ""
             raise ConfigError(f"unknown preset {preset!r}; {hint}choose one of {', '.join(PRESETS)}")
         values.update(PRESETS[preset])
-    for source, layer in ((config_file, load_config_file(config_file) if config_file else {}),
-                          ("the command line", overrides or {})):
-        _check_keys(layer, source)
-        values.update(layer)
+    if config_file:
+        file_values = load_config_file(config_file)
+        _check_keys(file_values, config_file)
+        check_file_types(file_values, config_file)
+        values.update(file_values)
+    _check_keys(overrides or {}, "the command line")
+    values.update(overrides or {})
     return Config(**{k: coerce(k, v) for k, v in values.items()})
 
 

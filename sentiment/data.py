@@ -15,16 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sentiment.config import Config, SentimentError
+from sentiment.config import Config, DataError
+# DataError, LABEL_NAMES and check_split are also imported from here (model.py, scripts/split_data.py)
+from sentiment.rows import LABEL_NAMES, check_split, check_two_classes, class_counts, first_bad_json_line
 
-LABEL_NAMES = ("neg", "pos")
 FILE_READERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
 HEAD_TOKENS = 128  # head_tail keeps this many leading tokens (Sun et al. 2019, "How to Fine-Tune BERT")
 MEGA_BATCH = 50  # length grouping sorts within windows of 50 global batches: random, yet little padding
-
-
-class DataError(SentimentError, ValueError):
-    """Bad or missing data: the message names the file, the problem and the fix."""
 
 
 # ----------------------------------------------------------------------------- reading
@@ -49,8 +46,11 @@ def read_file(path: str):
         while len(chain) < 8 and (chain[-1].__cause__ or chain[-1].__context__) is not None:
             chain.append(chain[-1].__cause__ or chain[-1].__context__)
         root = chain[-1]
-        cause = "not UTF-8 text" if any(isinstance(c, UnicodeDecodeError) or "utf-8" in str(c).lower()
-                                        or "utf8" in str(c).lower() for c in chain) else (
+        not_utf8 = any(isinstance(c, UnicodeDecodeError) or "utf8" in str(c).lower().replace("-", "") for c in chain)
+        bad = first_bad_json_line(str(p)) if reader == "json" and not not_utf8 else None
+        if bad:  # pyarrow names a byte offset ("Trailing data at position 34"); an editor wants the line
+            raise DataError(f"{path} line {bad[0]}: not valid JSON ({bad[1]}); fix or remove that line") from None
+        cause = "not UTF-8 text" if not_utf8 else (
             f"{type(root).__name__}: {str(root).splitlines()[0] if str(root) else ''}")
         raise DataError(f"data file {path} could not be read as {reader} ({cause}); "
                         "fix or re-export the file") from None
@@ -69,23 +69,32 @@ def read_acl_imdb(folder: Path, split: str):
                 texts.append(f.read_text(encoding="utf-8"))
             except UnicodeDecodeError:
                 raise DataError(f"{f} is not UTF-8 text; re-encode it") from None
+            if not texts[-1].strip():
+                raise DataError(f"{f} is empty; remove it or fill it in")
             labels.append(label)
     if not texts:
         raise DataError(f"{folder / split} has no pos/*.txt or neg/*.txt reviews; check --data_dir")
     return datasets.Dataset.from_dict({"text": texts, "label": labels})
 
 
-def read_data_dir(data_dir: str, split: str):
+def data_dir_source(data_dir: str, split: str) -> str:
+    """The one file holding `split` in data_dir, or data_dir/SPLIT for the aclImdb layout. Two
+    candidates (train.csv and train.parquet, or one beside train/pos) are refused: which one a silent
+    pick trains on is a guess."""
     folder = Path(data_dir)
     if not folder.is_dir():
         raise DataError(f"data_dir {data_dir} is not a folder; check the path")
-    if (folder / split / "pos").is_dir():
-        return read_acl_imdb(folder, split)
-    for suffix in FILE_READERS:
-        if (folder / f"{split}{suffix}").is_file():
-            return read_file(str(folder / f"{split}{suffix}"))
-    raise DataError(f"data_dir {data_dir} has neither {split}/pos/*.txt (aclImdb) nor "
-                    f"{split}.parquet/.csv/.jsonl; put the {split} split there")
+    acl_imdb = [folder / split] if (folder / split / "pos").is_dir() else []
+    found = acl_imdb + [p for p in (folder / f"{split}{suffix}" for suffix in FILE_READERS) if p.is_file()]
+    names = [f"{split}/pos/ (aclImdb)" if p in acl_imdb else p.name for p in found]
+    if len(found) > 1:
+        listed = f"both {names[0]} and {names[1]}" if len(names) == 2 else f"{', '.join(names[:-1])} and {names[-1]}"
+        raise DataError(f"data_dir {data_dir} holds {listed} for the {split} split; keep one (move the "
+                        f"{'other' if len(names) == 2 else 'others'} away)")
+    if not found:
+        raise DataError(f"data_dir {data_dir} has neither {split}/pos/*.txt (aclImdb) nor "
+                        f"{split}.parquet/.csv/.jsonl; put the {split} split there")
+    return str(found[0])
 
 
 def read_hub(dataset_id: str, split: str):
@@ -100,49 +109,19 @@ def read_hub(dataset_id: str, split: str):
 
 def read_split(cfg: Config, split: str):
     """The raw `train` or `test` split from whichever source the config names."""
-    file = cfg.train_file if split == "train" else cfg.test_file
-    if file:
-        ds = read_file(file)
+    source = cfg.train_file if split == "train" else cfg.test_file  # the file read, for line numbers in errors
+    if source:
+        ds = read_file(source)
     elif cfg.data_dir:
-        ds = read_data_dir(cfg.data_dir, split)
+        source = data_dir_source(cfg.data_dir, split)
+        ds = read_file(source) if Path(source).is_file() else read_acl_imdb(Path(cfg.data_dir), split)
     elif cfg.train_file or cfg.test_file:
         raise DataError(f"no {split} data: --{'test' if split == 'test' else 'train'}_file is missing "
                         "(../shared-style folders have only train: carve a test file with scripts/split_data.py)")
     else:
-        ds = read_hub(cfg.dataset_id, split)
-    return check_split(ds, file or cfg.data_dir or cfg.dataset_id)
-
-
-def check_split(ds, source: str):
-    """Require `text` and `label`; map string labels neg/pos; refuse empty texts and bad labels."""
-    missing = [c for c in ("text", "label") if c not in ds.column_names]
-    if missing:
-        raise DataError(f"{source} lacks column(s) {', '.join(missing)} (has {', '.join(ds.column_names)}); "
-                        "rename them to text and label")
-    if len(ds) == 0:
-        raise DataError(f"{source} holds no rows")
-    try:
-        texts = list(ds["text"])  # decodes every text: a non-UTF-8 JSONL file loads, then fails here
-    except UnicodeDecodeError:
-        raise DataError(f"{source} is not UTF-8 text; re-encode it (e.g. iconv -f latin1 -t utf-8)") from None
-    for row, text in enumerate(texts):
-        if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{source} row {row}: empty or missing text; remove the row or fill it in")
-    labels = [normalize_label(v, source, row) for row, v in enumerate(ds["label"])]
-    return ds.select_columns(["text"]).add_column("label", labels)
-
-
-def normalize_label(value, source: str, row: int) -> int:
-    """0/1, or the strings neg/pos (also negative/positive, case-insensitive), to 0/1."""
-    if isinstance(value, str):
-        text = value.strip().lower()
-        for label, names in enumerate((("neg", "negative", "0"), ("pos", "positive", "1"))):
-            if text in names:
-                return label
-    elif isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value in (0, 1):
-        return int(value)
-    raise DataError(f"{source} row {row}: label {value!r} is not 0/1 or neg/pos; "
-                    "this is a binary task (unlabeled rows, label -1, cannot train)")
+        source = cfg.dataset_id
+        ds = read_hub(source, split)
+    return check_split(ds, source)
 
 
 # ----------------------------------------------------------------------------- subsets
@@ -167,6 +146,9 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     if n_val < 2 or len(labels) - n_val < 2:
         raise DataError(f"val_fraction={fraction} of {len(labels)} reviews leaves too few for a split; "
                         "raise n_train or val_fraction")
+    if np.bincount(labels, minlength=2).min() < 2:  # sklearn's stratify needs 2 per class, else a traceback
+        raise DataError(f"val_fraction={fraction}: a stratified split needs at least 2 reviews of each class, "
+                        f"got {class_counts(labels)}; raise --n_train or set --val_fraction 0")
     train_idx, val_idx = train_test_split(idx, test_size=n_val, stratify=labels, random_state=seed)
     return np.sort(train_idx), np.sort(val_idx)
 
@@ -243,10 +225,12 @@ def load_splits(cfg: Config, tokenizer) -> Splits:
     """Read, check, subsample and tokenize train / val / test as the config says."""
     train = take(read_split(cfg, "train"), cfg.n_train, cfg.seed, "n_train")
     test = take(read_split(cfg, "test"), cfg.n_test, cfg.seed, "n_test")
+    check_two_classes(np.asarray(train["label"]))
     val = None
     if cfg.val_fraction > 0:
         train_idx, val_idx = stratified_split(np.asarray(train["label"]), cfg.val_fraction, cfg.seed)
         train, val = train.select(train_idx), train.select(val_idx)
+        check_two_classes(np.asarray(train["label"]))
     tok = functools.partial(tokenize, tokenizer=tokenizer, max_length=cfg.max_length, truncation=cfg.truncation)
     return Splits(train=tok(train), val=tok(val) if val is not None else None, test=tok(test))
 

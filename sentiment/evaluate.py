@@ -70,11 +70,12 @@ def _load_for_inference(cfg):
 
     from sentiment.data import collator
     from sentiment.engine import setup_engine
-    from sentiment.model import load_model, load_tokenizer, max_positions
+    from sentiment.model import check_tokenizer, load_model, load_tokenizer, max_positions
 
     engine = setup_engine(cfg.device, cfg.precision, cfg.seed)
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     model = load_model(cfg.model_name_or_path)
+    check_tokenizer(tokenizer, model, cfg.model_name_or_path)
     if cfg.max_length > max_positions(model):  # longer inputs would crash in the position embeddings
         engine.print(f"max_length={cfg.max_length} exceeds the model's {max_positions(model)} positions: "
                      f"using {max_positions(model)}")

@@ -14,6 +14,11 @@ class ModelError(SentimentError, ValueError):
     """The model or tokenizer could not be loaded: the message says what to pass instead."""
 
 
+# any one of these holds a vocabulary (WordPiece, SentencePiece, BPE); tokenizer_config.json alone does not
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "spiece.model", "vocab.json",
+                   "sentencepiece.bpe.model")
+
+
 def _load_error(name: str, what: str, e: Exception) -> ModelError:
     where = "the local folder" if Path(name).is_dir() else "the Hugging Face hub"
     fix = ("check that it holds config.json, the weights and the tokenizer files" if Path(name).is_dir()
@@ -24,10 +29,32 @@ def _load_error(name: str, what: str, e: Exception) -> ModelError:
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
+    folder = Path(name)
+    if ((folder / "config.json").is_file() or (folder / "tokenizer_config.json").is_file()) and not any(
+            (folder / f).is_file() for f in TOKENIZER_FILES):
+        # AutoTokenizer would build one of the 5 special tokens alone: every word [UNK], and a run that "trains"
+        raise ModelError(f"model folder {name} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); copy them "
+                         "from the base model (AutoTokenizer.from_pretrained(BASE).save_pretrained(FOLDER))")
     try:
         return AutoTokenizer.from_pretrained(name, use_fast=True)
     except Exception as e:  # noqa: BLE001 - OSError, ValueError, HTTP errors...
         raise _load_error(name, "tokenizer", e) from None
+
+
+def check_tokenizer(tokenizer, model, name: str) -> None:
+    """Refuse, before a run writes anything, a tokenizer that would crash it midway: one without [CLS],
+    [SEP] or [PAD] (batches cannot be built), or one with more tokens than the model's embedding rows
+    (the first review holding a token past the table is an index error)."""
+    missing = [kind for kind in ("cls", "sep", "pad") if getattr(tokenizer, f"{kind}_token_id") is None]
+    if missing:
+        raise ModelError(f"the tokenizer of {name} has no {', '.join(missing)} token "
+                         f"({', '.join(f'{kind}_token_id' for kind in missing)} is None); batches are [CLS] text "
+                         "[SEP] padded with [PAD]: use a BERT-style model, or copy its base model's tokenizer files")
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ModelError(f"the tokenizer of {name} has {len(tokenizer)} tokens but the model's embedding table has "
+                         f"{rows} rows (ids >= {rows} would index past it); use the tokenizer the model was "
+                         "trained with, or resize the model's embeddings to the tokenizer and save it")
 
 
 def load_model(name: str, dropout: float = -1.0, gradient_checkpointing: bool = False):

@@ -29,7 +29,7 @@ from sentiment.config import Config, ConfigError, SentimentError, refuse_conflic
 from sentiment.data import ReviewDataset, collator, global_batches, load_splits, micro_batches
 from sentiment.engine import Engine, environment_summary, setup_engine
 from sentiment.evaluate import evaluate
-from sentiment.model import count_params, load_model, load_tokenizer, max_positions, param_groups
+from sentiment.model import check_tokenizer, count_params, load_model, load_tokenizer, max_positions, param_groups
 from sentiment.report import misclassified, write_report
 
 
@@ -173,6 +173,7 @@ def run(cfg: Config, engine: Engine) -> dict:
 
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     model = load_model(cfg.model_name_or_path, cfg.dropout, cfg.gradient_checkpointing)
+    check_tokenizer(tokenizer, model, cfg.model_name_or_path)
     engine.seed_per_rank(cfg.seed)  # from here on torch draws dropout masks, which must differ across ranks
     if cfg.max_length > max_positions(model):
         raise ConfigError(f"max_length={cfg.max_length} exceeds the model's {max_positions(model)} positions; "

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import pytest
 
@@ -85,11 +86,34 @@ def test_bool_coercion(text, value):
 
 def test_json_values_are_coerced(tmp_path):
     file = tmp_path / "c.json"
-    file.write_text(json.dumps({"lr": 1, "epochs": 2.0, "overwrite": True, "max_length": "256"}))
+    file.write_text(json.dumps({"lr": 1, "epochs": 2.0, "overwrite": True, "max_length": 256}))
     cfg = build_config(config_file=str(file))
     assert isinstance(cfg.lr, float) and cfg.lr == 1.0
     assert isinstance(cfg.epochs, int) and cfg.epochs == 2
     assert cfg.overwrite is True and cfg.max_length == 256
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("save_every", True, "an integer"), ("epochs", "2", "an integer"), ("keep_last", 2.5, "an integer"),
+    ("dataset", ["a", "b"], "a string"), ("output_dir", {"a": 1}, "a string"), ("lr", "1e-4", "a number"),
+    ("lr", False, "a number"), ("overwrite", 1, "true or false"), ("overwrite", "true", "true or false"),
+    ("seed", None, "an integer"),
+])
+def test_config_file_values_must_have_the_fields_json_type(tmp_path, key, value, expected):
+    """CLI strings are coerced; a JSON file already has types, and `true` for an int or a list for a path
+    is a mistake in the file, not something to convert."""
+    file = tmp_path / "c.json"
+    file.write_text(json.dumps({key: value}))
+    with pytest.raises(ConfigError, match=re.escape(f"config file {file}: {key!r} expects {expected}, "
+                                                    f"got {json.dumps(value)}; fix that value")):
+        build_config(config_file=str(file))
+
+
+def test_a_bad_file_value_is_refused_even_when_the_command_line_overrides_it(tmp_path):
+    file = tmp_path / "c.json"
+    file.write_text(json.dumps({"epochs": True}))
+    with pytest.raises(ConfigError, match="'epochs' expects an integer, got true"):
+        build_config(config_file=str(file), overrides={"epochs": "2"})
 
 
 @pytest.mark.parametrize("name, value", [("epochs", "two"), ("epochs", "1.5"), ("lr", "fast"),
@@ -102,7 +126,7 @@ def test_bad_coercion(name, value):
 def test_non_integer_float_for_int_field_in_file(tmp_path):
     file = tmp_path / "c.json"
     file.write_text(json.dumps({"epochs": 1.5}))
-    with pytest.raises(ConfigError, match="epochs expects an integer"):
+    with pytest.raises(ConfigError, match="'epochs' expects an integer, got 1.5"):
         build_config(config_file=str(file))
 
 
@@ -150,6 +174,13 @@ INVALID = [
     ("padding", "longest"), ("precision", "fp8"), ("device", "gpu"), ("device", "cuda:x"), ("report_to", "wandb"),
     ("num_workers", -1), ("log_every", -1), ("save_every", -1), ("keep_last", 0), ("seed", -1),
     ("max_bad_steps", 0), ("output_dir", ""),
+    # non-finite floats: inf/nan slip past `x < 0` checks and poison the run later
+    ("lr", float("inf")), ("weight_decay", float("nan")), ("max_grad_norm", float("nan")), ("adam_eps", float("inf")),
+    ("warmup_ratio", float("nan")), ("val_fraction", float("nan")), ("dropout", float("nan")),
+    ("adam_beta2", float("-inf")), ("seed", 2**32), ("seed", 99999999999),
+    # wrong Python types, as from code building a Config directly
+    ("epochs", "2"), ("lr", "x"), ("epochs", True), ("epochs", 2.0), ("overwrite", 1), ("output_dir", ["a"]),
+    ("max_length", None), ("lr", True),
 ]
 
 
@@ -157,6 +188,35 @@ INVALID = [
 def test_invalid_values_raise_config_error(name, value):
     with pytest.raises(ConfigError, match=name):
         Config(**{name: value})
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"lr": float("inf")}, "lr=inf must be a finite number"),
+    ({"weight_decay": float("nan")}, "weight_decay=nan must be a finite number"),
+    ({"seed": 2**32}, "seed=4294967296 must be in 0..4294967295 (numpy's seed range)"),
+    ({"epochs": "2"}, "epochs='2' must be an integer, got str"),
+    ({"lr": "x"}, "lr='x' must be a number, got str"),
+    ({"epochs": True}, "epochs=True must be an integer, got bool"),
+    ({"overwrite": 1}, "overwrite=1 must be true or false, got int"),
+])
+def test_invalid_value_messages(kwargs, message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        Config(**kwargs)
+
+
+def test_an_int_for_a_float_field_becomes_a_float():
+    cfg = Config(lr=1, weight_decay=0, seed=2**32 - 1)
+    assert type(cfg.lr) is float and cfg.lr == 1.0 and type(cfg.weight_decay) is float
+    assert cfg.seed == 2**32 - 1  # the top of numpy's range is fine
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "inf"], "lr=inf must be a finite number"), (["--adam_eps", "inf"], "adam_eps=inf must be a finite"),
+    (["--max_grad_norm", "nan"], "max_grad_norm=nan must be a finite"), (["--seed", "99999999999"], "seed=99999999999"),
+])
+def test_non_finite_and_out_of_range_flags(argv, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse(argv)
 
 
 def test_invalid_value_from_the_command_line():

@@ -10,8 +10,7 @@ import torch
 
 from sentiment.config import Config
 from sentiment.data import (Collator, DataError, ReviewDataset, collator, eval_batches, global_batches,
-                            load_splits, micro_batches, normalize_label, read_split, stratified_split, take,
-                            tokenize, truncate_ids)
+                            load_splits, micro_batches, read_split, stratified_split, take, tokenize, truncate_ids)
 from sentiment.tiny import make_reviews, make_tokenizer
 
 CLS, SEP = 101, 102
@@ -245,21 +244,6 @@ def test_eval_batches_cover_each_index_once_across_ranks(n, batch_size, world):
             assert all(w == 1.0 for _, w in b)
 
 
-# ----------------------------------------------------------------------------- labels
-
-
-@pytest.mark.parametrize("value, expected", [(0, 0), (1, 1), (np.int64(1), 1), ("neg", 0), ("pos", 1),
-                                             ("POS", 1), (" negative ", 0), ("positive", 1), ("0", 0), ("1", 1)])
-def test_normalize_label(value, expected):
-    assert normalize_label(value, "f", 0) == expected
-
-
-@pytest.mark.parametrize("value", [-1, 2, "neutral", "", None, True])
-def test_normalize_label_rejects(value):
-    with pytest.raises(DataError, match=r"f row 3: label"):
-        normalize_label(value, "f", 3)
-
-
 # ----------------------------------------------------------------------------- reading
 
 
@@ -297,6 +281,43 @@ def test_string_labels_are_mapped(tmp_path):
     rows = [{"text": r["text"], "label": "pos" if r["label"] else "neg"} for r in ROWS]
     ds = read_split(Config(train_file=str(write_rows(tmp_path / "t.csv", rows))), "train")
     assert ds["label"] == [r["label"] for r in ROWS]
+
+
+# ----------------------------------------------------------------------------- data_dir
+
+
+def test_data_dir_with_two_files_for_a_split_is_refused(tmp_path):
+    write_rows(tmp_path / "train.csv", ROWS)
+    write_rows(tmp_path / "train.parquet", ROWS)
+    write_rows(tmp_path / "test.jsonl", ROWS)
+    write_rows(tmp_path / "test.json", ROWS)
+    cfg = Config(data_dir=str(tmp_path))
+    with pytest.raises(DataError, match=rf"^data_dir {tmp_path} holds both train\.parquet and train\.csv for the "
+                                        r"train split; keep one \(move the other away\)$"):
+        read_split(cfg, "train")
+    with pytest.raises(DataError, match=r"holds both test\.jsonl and test\.json for the test split"):
+        read_split(cfg, "test")
+    write_rows(tmp_path / "train.jsonl", ROWS)
+    with pytest.raises(DataError, match=r"holds train\.parquet, train\.csv and train\.jsonl for the train split; "
+                                        r"keep one \(move the others away\)$"):
+        read_split(cfg, "train")
+
+
+def test_data_dir_with_acl_imdb_and_a_file_is_refused(tmp_path):
+    (tmp_path / "train" / "pos").mkdir(parents=True)
+    (tmp_path / "train" / "pos" / "0_9.txt").write_text("great")
+    write_rows(tmp_path / "train.jsonl", ROWS)
+    with pytest.raises(DataError, match=r"holds both train/pos/ \(aclImdb\) and train\.jsonl for the train"):
+        read_split(Config(data_dir=str(tmp_path)), "train")
+
+
+def test_empty_acl_imdb_review_names_its_file(tmp_path):
+    for label in ("pos", "neg"):
+        (tmp_path / "train" / label).mkdir(parents=True)
+        (tmp_path / "train" / label / "0_5.txt").write_text("fine")
+    (tmp_path / "train" / "neg" / "1_2.txt").write_text("  \n")
+    with pytest.raises(DataError, match=r"train/neg/1_2\.txt is empty; remove it or fill it in"):
+        read_split(Config(data_dir=str(tmp_path)), "train")
 
 
 def test_extra_columns_are_dropped(tmp_path):
@@ -378,3 +399,17 @@ def test_stratified_split_keeps_balance_and_is_seeded():
 def test_stratified_split_refuses_a_too_small_split():
     with pytest.raises(DataError, match="too few"):
         stratified_split(np.array([0, 1, 0, 1, 0]), 0.1, seed=0)
+
+
+def test_stratified_split_refuses_a_class_of_one():
+    with pytest.raises(DataError, match=r"^val_fraction=0\.2: a stratified split needs at least 2 reviews of each "
+                                        r"class, got neg: 1, pos: 9; raise --n_train or set --val_fraction 0$"):
+        stratified_split(np.array([1] * 9 + [0]), 0.2, seed=0)
+
+
+def test_load_splits_refuses_a_single_class_training_set(tmp_path):
+    write_rows(tmp_path / "train.jsonl", [r for r in make_reviews(40, seed=5) if r["label"] == 1])
+    write_rows(tmp_path / "test.jsonl", make_reviews(10, seed=6))
+    cfg = Config(data_dir=str(tmp_path), n_train=12, n_test=0, max_length=64)
+    with pytest.raises(DataError, match=r"^training data has only one class \(neg: 0, pos: 12\)"):
+        load_splits(cfg, make_tokenizer())

@@ -51,16 +51,73 @@ def jsonl(rows) -> str:
     return "".join(json.dumps(r) + "\n" for r in rows)
 
 
+def write_parquet(path: Path, rows) -> str:
+    import pandas as pd
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_parquet(path)
+    return str(path)
+
+
 GOOD_ROWS = [{"text": "great film", "label": 1}, {"text": "bad film", "label": 0}] * 4
 
 
+def class_label_parquet(path: Path, names: list[str]) -> str:
+    import datasets
+
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
+    datasets.Dataset.from_dict({"text": ["great", "bad"] * 4, "label": [0, 1] * 4}, features=features).to_parquet(
+        str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def bad_models(tmp_path_factory, tiny_dirs) -> dict[str, str]:
+    """Copies of the tiny model folder with a broken tokenizer: no tokenizer files, no [PAD]/[CLS]/[SEP],
+    more tokens than the model's embedding table."""
+    import shutil
+
+    from transformers import BertTokenizerFast
+
+    from sentiment.tiny import VOCAB, make_tokenizer
+
+    model_dir, _ = tiny_dirs
+    root = tmp_path_factory.mktemp("bad_models")
+    bigger = make_tokenizer()
+    bigger.add_tokens(["extra1", "extra2"])
+    tokenizers = {"no_tokenizer": None, "bigger_tokenizer": bigger}
+    for kind in ("pad", "cls", "sep"):
+        vocab = {w: i for i, w in enumerate(VOCAB)}
+        tokenizers[f"no_{kind}"] = BertTokenizerFast(vocab=vocab, **{f"{kind}_token": None})
+    for name, tokenizer in tokenizers.items():
+        shutil.copytree(model_dir, root / name)
+        for file in ("tokenizer.json", "tokenizer_config.json"):
+            (root / name / file).unlink()
+        if tokenizer is not None:
+            tokenizer.save_pretrained(root / name)
+    return {name: str(root / name) for name in tokenizers}
+
+
+def two_candidates(d: Path, acl_imdb: bool) -> str:
+    """A data_dir with two sources for the train split."""
+    if acl_imdb:
+        write(d / "train" / "pos" / "0_9.txt", "great film")
+        write(d / "train" / "neg" / "1_2.txt", "bad film")
+    else:
+        write(d / "train.csv", "text,label\ngreat,1\nbad,0\n")
+    write(d / "train.jsonl", jsonl(GOOD_ROWS))
+    write(d / "test.jsonl", jsonl(GOOD_ROWS))
+    return str(d)
+
+
 @pytest.fixture
-def files(tmp_path, tiny_dirs):
+def files(tmp_path, tiny_dirs, bad_models):
     """Name -> path of a bad (or good) input file."""
     model_dir, data_dir = tiny_dirs
     d = tmp_path / "inputs"
     not_a_dir = write(d / "plain_file", "I am a file, not a folder")
     return {
+        **bad_models,
         "good": str(data_dir / "train.jsonl"),
         "good_test": str(data_dir / "test.jsonl"),
         "missing": str(d / "nope.parquet"),
@@ -80,6 +137,20 @@ def files(tmp_path, tiny_dirs):
         "corrupt_ckpt": write(d / "step_0000005.pt", b"PK\x03\x04 this is not a torch checkpoint" + os.urandom(64)),
         "bad_json": write(d / "config.json", "{not json"),
         "not_a_dir": not_a_dir,
+        "true_for_int": write(d / "true_for_int.json", '{"save_every": true}'),
+        "list_for_str": write(d / "list_for_str.json", '{"dataset": ["a", "b"]}'),
+        "string_for_int": write(d / "string_for_int.json", '{"keep_last": "2"}'),
+        "float_for_int": write(d / "float_for_int.json", '{"keep_last": 2.5}'),
+        "half_label": write(d / "half.jsonl", jsonl(GOOD_ROWS + [{"text": "meh", "label": 0.5}])),
+        "unknown_class_names": class_label_parquet(d / "good_bad.parquet", ["bad", "good"]),
+        "bad_json_line": write(d / "bad_line.jsonl", jsonl(GOOD_ROWS[:6]) + '{"text": "so-so", label: 1}\n'),
+        "multiline_csv": write(d / "multiline.csv", 'text,label\n"great\nfilm",1\n"bad\n\nfilm",0\n"  ",1\n'),
+        "empty_text_parquet": write_parquet(d / "empty_text.parquet", GOOD_ROWS + [{"text": "", "label": 1}]),
+        "one_class": write(d / "one_class.jsonl", jsonl([{"text": "great film", "label": 1}] * 8)),
+        "class_of_one": write(d / "class_of_one.jsonl",
+                              jsonl([{"text": "great", "label": 1}] * 9 + [{"text": "bad", "label": 0}])),
+        "two_files": two_candidates(d / "two_files", acl_imdb=False),
+        "acl_and_file": two_candidates(d / "acl_and_file", acl_imdb=True),
         "model": str(model_dir),
         "data_dir": str(data_dir),
     }
@@ -124,12 +195,12 @@ TRAIN_CASES = [
      r"no_text\.csv lacks column\(s\) text \(has review, label\)"),
     ("missing_label_column", ["--train_file", "{good}", "--test_file", "{no_label}"],
      r"no_label\.jsonl lacks column\(s\) label"),
-    ("empty_text", ["--train_file", "{empty_text}", "--test_file", "{good_test}"], r"row 8: empty or missing text"),
-    ("missing_text", ["--train_file", "{missing_text}", "--test_file", "{good_test}"], r"row 1: empty or missing text"),
-    ("label_2", ["--train_file", "{label_2}", "--test_file", "{good_test}"], r"row 8: label 2 is not 0/1 or neg/pos"),
+    ("empty_text", ["--train_file", "{empty_text}", "--test_file", "{good_test}"], r"empty_text\.jsonl line 9: empty or missing text; remove the row or fill it in$"),
+    ("missing_text", ["--train_file", "{missing_text}", "--test_file", "{good_test}"], r"missing_text\.csv line 3: empty or missing text; remove the row or fill it in$"),
+    ("label_2", ["--train_file", "{label_2}", "--test_file", "{good_test}"], r"label_2\.jsonl line 9: label 2 is not 0/1 or neg/pos"),
     ("label_minus_1", ["--train_file", "{good}", "--test_file", "{label_minus_1}"],
-     r"row 8: label -1 is not 0/1 or neg/pos"),
-    ("label_word", ["--train_file", "{label_word}", "--test_file", "{good_test}"], r"row 1: label 'neutral'"),
+     r"label_minus_1\.jsonl line 9: label -1 is not 0/1 or neg/pos"),
+    ("label_word", ["--train_file", "{label_word}", "--test_file", "{good_test}"], r"label_word\.csv line 3: label 'neutral' is not 0/1 or neg/pos"),
     ("no_rows", ["--train_file", "{no_rows}", "--test_file", "{good_test}"], r"no_rows\.csv .*(holds no rows|no data)"),
     ("n_train_too_large", ["--data_dir", "{data_dir}", "--n_train", "1000"],
      r"--n_train 1000 is larger than the 96 reviews available"),
@@ -170,6 +241,55 @@ TRAIN_CASES = [
     ("unknown_preset", ["--data_dir", "{data_dir}", "--preset", "tutorail"], r"unknown preset 'tutorail'; did you mean tutorial"),
     ("missing_config_file", ["--data_dir", "{data_dir}", "--config", "{missing}"], r"config file .* does not exist"),
     ("bad_config_file", ["--data_dir", "{data_dir}", "--config", "{bad_json}"], r"config file .* is not readable JSON"),
+    # issue 10: inputs refused before they poison a run
+    ("lr_inf", ["--data_dir", "{data_dir}", "--lr", "inf"], r"^error: lr=inf must be a finite number$"),
+    ("weight_decay_nan", ["--data_dir", "{data_dir}", "--weight_decay", "nan"],
+     r"^error: weight_decay=nan must be a finite number$"),
+    ("max_grad_norm_nan", ["--data_dir", "{data_dir}", "--max_grad_norm", "nan"],
+     r"^error: max_grad_norm=nan must be a finite number$"),
+    ("adam_eps_inf", ["--data_dir", "{data_dir}", "--adam_eps", "inf"], r"^error: adam_eps=inf must be a finite number$"),
+    ("seed_too_large", ["--data_dir", "{data_dir}", "--seed", "99999999999"],
+     r"^error: seed=99999999999 must be in 0\.\.4294967295 \(numpy's seed range\)$"),
+    ("config_true_for_int", ["--data_dir", "{data_dir}", "--config", "{true_for_int}"],
+     r"true_for_int\.json: 'save_every' expects an integer, got true; fix that value$"),
+    ("config_list_for_str", ["--data_dir", "{data_dir}", "--config", "{list_for_str}"],
+     r"list_for_str\.json: 'dataset' expects a string, got \[\"a\", \"b\"\]; fix that value$"),
+    ("config_string_for_int", ["--data_dir", "{data_dir}", "--config", "{string_for_int}"],
+     r"string_for_int\.json: 'keep_last' expects an integer, got \"2\"; fix that value$"),
+    ("config_float_for_int", ["--data_dir", "{data_dir}", "--config", "{float_for_int}"],
+     r"float_for_int\.json: 'keep_last' expects an integer, got 2\.5; fix that value$"),
+    ("label_half", ["--train_file", "{half_label}", "--test_file", "{good_test}"],
+     r"half\.jsonl line 9: label 0\.5 is not 0/1 or neg/pos"),
+    ("class_label_names_not_neg_pos", ["--train_file", "{unknown_class_names}", "--test_file", "{good_test}"],
+     r"good_bad\.parquet: the label column is a ClassLabel with names \['bad', 'good'\]; "
+     r"'bad', 'good' are not neg/pos"),
+    ("invalid_json_line", ["--train_file", "{bad_json_line}", "--test_file", "{good_test}"],
+     r"bad_line\.jsonl line 7: not valid JSON \(Expecting property name enclosed in double quotes\); fix or remove "
+     r"that line$"),
+    ("empty_text_after_multiline_csv_fields", ["--train_file", "{multiline_csv}", "--test_file", "{good_test}"],
+     r"multiline\.csv line 7: empty or missing text; remove the row or fill it in$"),
+    ("empty_text_parquet", ["--train_file", "{empty_text_parquet}", "--test_file", "{good_test}"],
+     r"empty_text\.parquet row 8 \(0-based\): empty or missing text; remove the row or fill it in$"),
+    ("two_files_for_a_split", ["--data_dir", "{two_files}"],
+     r"two_files holds both train\.csv and train\.jsonl for the train split; keep one \(move the other away\)$"),
+    ("acl_imdb_and_a_file", ["--data_dir", "{acl_and_file}"],
+     r"acl_and_file holds both train/pos/ \(aclImdb\) and train\.jsonl for the train split"),
+    ("single_class", ["--train_file", "{one_class}", "--test_file", "{good_test}"],
+     r"^error: training data has only one class \(neg: 0, pos: 8\); check the label column or raise --n_train$"),
+    ("val_split_with_a_class_of_one", ["--train_file", "{class_of_one}", "--test_file", "{good_test}",
+                                       "--val_fraction", "0.2"],
+     r"^error: val_fraction=0\.2: a stratified split needs at least 2 reviews of each class, got neg: 1, pos: 9; "
+     r"raise --n_train or set --val_fraction 0$"),
+    ("model_without_tokenizer_files", ["--data_dir", "{data_dir}", "--model_name_or_path", "{no_tokenizer}"],
+     r"model folder .*no_tokenizer has no tokenizer files \(tokenizer\.json, .*\); copy them from the base model"),
+    ("tokenizer_without_pad", ["--data_dir", "{data_dir}", "--model_name_or_path", "{no_pad}"],
+     r"the tokenizer of .*no_pad has no pad token \(pad_token_id is None\)"),
+    ("tokenizer_without_cls", ["--data_dir", "{data_dir}", "--model_name_or_path", "{no_cls}"],
+     r"the tokenizer of .*no_cls has no cls token \(cls_token_id is None\)"),
+    ("tokenizer_without_sep", ["--data_dir", "{data_dir}", "--model_name_or_path", "{no_sep}"],
+     r"the tokenizer of .*no_sep has no sep token \(sep_token_id is None\)"),
+    ("tokenizer_bigger_than_model", ["--data_dir", "{data_dir}", "--model_name_or_path", "{bigger_tokenizer}"],
+     r"the tokenizer of .*bigger_tokenizer has 43 tokens but the model's embedding table has 41 rows"),
 ]
 
 
@@ -247,7 +367,12 @@ OTHER_CASES = [
     ("evaluate_missing_test_file", ["evaluate", "--model_name_or_path", "{model}", "--test_file", "{missing}"],
      r"nope\.parquet does not exist"),
     ("evaluate_bad_labels", ["evaluate", "--model_name_or_path", "{model}", "--test_file", "{label_2}"],
-     r"row 8: label 2"),
+     r"label_2\.jsonl line 9: label 2 is not 0/1 or neg/pos"),
+    ("evaluate_tokenizer_without_pad", ["evaluate", "--model_name_or_path", "{no_pad}", "--data_dir", "{data_dir}",
+                                        "--n_test", "0"],
+     r"the tokenizer of .*no_pad has no pad token"),
+    ("predict_model_without_tokenizer_files", ["predict", "great", "--model_name_or_path", "{no_tokenizer}"],
+     r"model folder .*no_tokenizer has no tokenizer files"),
     ("predict_empty_text", ["predict", "  ", "--model_name_or_path", "{model}"], r"predict got an empty text"),
     ("predict_without_text", ["predict", "--model_name_or_path", "{model}"], r"the following arguments are required: texts"),
     ("predict_missing_model", ["predict", "great", "--model_name_or_path", "{missing}"], r"could not load"),
