@@ -168,8 +168,6 @@ def run(cfg: Config, engine: Engine) -> dict:
         except ImportError:
             raise ConfigError("report_to=tensorboard needs the tensorboard package: "
                               "pip install tensorboard (or pip install -e \".[extras]\")") from None
-    if engine.is_main:  # only rank 0 writes; ranks probing one file at once would race (issue 4)
-        ckpt.check_writable(out)
 
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     model = load_model(cfg.model_name_or_path, cfg.dropout, cfg.gradient_checkpointing)
