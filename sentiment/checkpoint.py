@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -203,3 +204,19 @@ def truncate_metrics(path: Path, step: int) -> None:
         if row.get("step", 0) <= step:
             keep.append(line if line.endswith("\n") else line + "\n")
     atomic_write(path, lambda f: f.write("".join(keep).encode()))
+
+
+def save_model(model: torch.nn.Module, tokenizer, folder: Path) -> None:
+    """save_pretrained model + tokenizer into a temp folder, then rename: `folder` is whole or absent."""
+    tmp, old = folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.old")
+    for leftover in (tmp, old):  # from a run killed in here: only ever our own temp folders
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    with disk_full_is_an_error(folder.parent, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    if old.exists():
+        shutil.rmtree(old)

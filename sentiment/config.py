@@ -79,7 +79,7 @@ class Config:
     compile: bool = False  # torch.compile the model; pads lengths to multiples of 64 to bound recompiles
     num_workers: int = 0  # DataLoader worker processes; collation is cheap, so 0 is usually fastest
     output_dir: str = "runs/latest"  # where config, metrics, checkpoints and the model go
-    overwrite: bool = False  # allow reusing an output_dir that already holds a finished or started run
+    overwrite: bool = False  # replace the run in output_dir (only its own files, only in a folder marked as a run)
     log_every: int = 10  # print a log line every N optimizer steps (metrics.jsonl gets every step); 0 = never
     save_every: int = 0  # checkpoint every N optimizer steps, besides every epoch end; 0 = epoch ends only
     keep_last: int = 1  # checkpoints kept besides the best one (each ~3x the model's size: weights + Adam)
@@ -232,7 +232,7 @@ def load_config_file(path: str) -> dict:
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist; check the path") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"config file {path} is not readable JSON ({e}); fix or remove it") from None
+        raise ConfigError(f"config file {path} is not readable JSON ({e}); fix it") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a JSON object of field: value")
     return data

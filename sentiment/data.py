@@ -49,7 +49,7 @@ def read_file(path: str):
         not_utf8 = any(isinstance(c, UnicodeDecodeError) or "utf8" in str(c).lower().replace("-", "") for c in chain)
         bad = first_bad_json_line(str(p)) if reader == "json" and not not_utf8 else None
         if bad:  # pyarrow names a byte offset ("Trailing data at position 34"); an editor wants the line
-            raise DataError(f"{path} line {bad[0]}: not valid JSON ({bad[1]}); fix or remove that line") from None
+            raise DataError(f"{path} line {bad[0]}: not valid JSON ({bad[1]}); fix that line") from None
         cause = "not UTF-8 text" if not_utf8 else (
             f"{type(root).__name__}: {str(root).splitlines()[0] if str(root) else ''}")
         raise DataError(f"data file {path} could not be read as {reader} ({cause}); "
@@ -70,7 +70,7 @@ def read_acl_imdb(folder: Path, split: str):
             except UnicodeDecodeError:
                 raise DataError(f"{f} is not UTF-8 text; re-encode it") from None
             if not texts[-1].strip():
-                raise DataError(f"{f} is empty; remove it or fill it in")
+                raise DataError(f"{f} is empty; fill it in or move it out of the folder")
             labels.append(label)
     if not texts:
         raise DataError(f"{folder / split} has no pos/*.txt or neg/*.txt reviews; check --data_dir")

@@ -94,7 +94,7 @@ def check_split(ds, source: str):
         raise DataError(f"{source} is not UTF-8 text; re-encode it (e.g. iconv -f latin1 -t utf-8)") from None
     for row, text in enumerate(texts):
         if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{row_location(source, row)}: empty or missing text; remove the row or fill it in")
+            raise DataError(f"{row_location(source, row)}: empty or missing text; fill in its text")
     feature = ds.features["label"]
     class_ids = class_label_ids(feature.names, source) if isinstance(feature, datasets.ClassLabel) else None
     values = list(ds["label"])

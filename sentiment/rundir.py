@@ -19,8 +19,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from sentiment import checkpoint as ckpt
 from sentiment.checkpoint import CHECKPOINT_DIR, CheckpointError, write_json
-from sentiment.config import Config, ConfigError
+from sentiment.config import Config, ConfigError, refuse_conflicts
 
 MARKER = ".sentiment-run.json"
 LOCK = ".sentiment-run.lock"
@@ -176,3 +177,35 @@ class RunLock:
                 self.path.rmdir()  # only if empty: this run wrote nothing
             except OSError:
                 pass
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is missing or unreadable ({type(e).__name__}); the run in {path.parent} "
+                              "is left as it is: pass another --output_dir") from None
+
+
+def plan_start(cfg: Config, folder: RunFolder, say) -> tuple[tuple[Path, dict] | None, dict | None]:
+    """(checkpoint to resume from or None, results of a finished run to return as they are or None),
+    or a ConfigError saying why this run may not start in `folder`."""
+    if folder.state == "finished" and not cfg.overwrite:
+        if not cfg.resume:
+            raise ConfigError(f"output_dir {folder.path} holds a finished run; --resume auto returns its results, "
+                              "pass another --output_dir for a new run (--overwrite true would delete it)")
+        if cfg.resume != "auto":
+            check_same_run(ckpt.find_resume(cfg.resume, folder.path, say), folder)
+        refuse_conflicts(read_json(folder.path / "config.json"), cfg, f"the finished run in {folder.path}")
+        say(f"resume: the run in {folder.path} is finished; its results stay in {folder.path / 'results.json'}")
+        return None, read_json(folder.path / "results.json")
+    resume = ckpt.find_resume(cfg.resume, folder.path, say) if cfg.resume and folder.state != "finished" else None
+    if resume:
+        check_same_run(resume, folder)
+        refuse_conflicts(resume[1]["config"], cfg, f"from {resume[0]}")
+    elif cfg.resume == "auto":  # what a requeued job passes every time: continue if there is anything to continue
+        say(f"resume auto: no checkpoint in {folder.path}, starting a fresh run")
+    elif folder.state == "started" and not cfg.overwrite:
+        raise ConfigError(f"output_dir {folder.path} holds an unfinished run; pass --resume auto to continue it, or "
+                          "another --output_dir (--overwrite true would delete it and start again)")
+    return resume, None

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import signal
 import subprocess
 import time
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 
 from sentiment import checkpoint as ckpt
 from sentiment import rundir
-from sentiment.config import Config, ConfigError, SentimentError, refuse_conflicts
+from sentiment.config import Config, ConfigError, SentimentError
 from sentiment.data import ReviewDataset, collator, global_batches, load_splits, micro_batches
 from sentiment.engine import Engine, environment_summary, setup_engine
 from sentiment.evaluate import evaluate
@@ -128,30 +127,6 @@ def train(cfg: Config) -> dict:
         engine.close()
 
 
-def plan_start(cfg: Config, folder: rundir.RunFolder, say) -> tuple[tuple[Path, dict] | None, dict | None]:
-    """(checkpoint to resume from or None, results of a finished run to return as they are or None),
-    or a ConfigError saying why this run may not start in `folder`."""
-    if folder.state == "finished" and not cfg.overwrite:
-        if not cfg.resume:
-            raise ConfigError(f"output_dir {folder.path} holds a finished run; --resume auto returns its results, "
-                              "pass another --output_dir for a new run (--overwrite true would delete it)")
-        if cfg.resume != "auto":
-            rundir.check_same_run(ckpt.find_resume(cfg.resume, folder.path, say), folder)
-        refuse_conflicts(json.loads((folder.path / "config.json").read_text()), cfg, f"the finished run in {folder.path}")
-        say(f"resume: the run in {folder.path} is finished; its results stay in {folder.path / 'results.json'}")
-        return None, json.loads((folder.path / "results.json").read_text())
-    resume = ckpt.find_resume(cfg.resume, folder.path, say) if cfg.resume and folder.state != "finished" else None
-    if resume:
-        rundir.check_same_run(resume, folder)
-        refuse_conflicts(resume[1]["config"], cfg, f"from {resume[0]}")
-    elif cfg.resume == "auto":  # what a requeued job passes every time: continue if there is anything to continue
-        say(f"resume auto: no checkpoint in {folder.path}, starting a fresh run")
-    elif folder.state == "started" and not cfg.overwrite:
-        raise ConfigError(f"output_dir {folder.path} holds an unfinished run; pass --resume auto to continue it, or "
-                          "another --output_dir (--overwrite true would delete it and start again)")
-    return resume, None
-
-
 def run(cfg: Config, engine: Engine) -> dict:
     started = time.perf_counter()
     out = Path(cfg.output_dir)
@@ -159,7 +134,7 @@ def run(cfg: Config, engine: Engine) -> dict:
     # ------------------------------------------------------------------------------ setup
     # Validate everything before anything is written or any expensive work starts.
     folder = rundir.inspect(out)  # again, now under the lock: no other run can change it any more
-    resume, finished = plan_start(cfg, folder, engine.print)
+    resume, finished = rundir.plan_start(cfg, folder, engine.print)
     if finished is not None:
         return finished
     if cfg.report_to == "tensorboard":
@@ -414,7 +389,7 @@ def run(cfg: Config, engine: Engine) -> dict:
                    "train_seconds": train_seconds, "runtime_s": time.perf_counter() - started,
                    "peak_mem_mb": engine.peak_memory_mb(), "engine": list(engine.decisions), "environment": env}
         if engine.is_main:
-            save_model(raw_model, tokenizer, out / "model")
+            ckpt.save_model(raw_model, tokenizer, out / "model")
             # report.md: metrics, engine decisions, figures (if matplotlib), the most confidently wrong test reviews
             write_report(out, misclassified(splits.test.texts, splits.test.labels, test_probs), results)
             if writer:
@@ -427,19 +402,3 @@ def run(cfg: Config, engine: Engine) -> dict:
     finally:
         stop.__exit__()
     return results
-
-
-def save_model(model: torch.nn.Module, tokenizer, folder: Path) -> None:
-    """save_pretrained model + tokenizer into a temp folder, then rename: `folder` is whole or absent."""
-    tmp, old = folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.old")
-    for leftover in (tmp, old):  # from a run killed in here: only ever our own temp folders
-        if leftover.exists():
-            shutil.rmtree(leftover)
-    with ckpt.disk_full_is_an_error(folder.parent, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    if old.exists():
-        shutil.rmtree(old)

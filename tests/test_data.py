@@ -316,7 +316,7 @@ def test_empty_acl_imdb_review_names_its_file(tmp_path):
         (tmp_path / "train" / label).mkdir(parents=True)
         (tmp_path / "train" / label / "0_5.txt").write_text("fine")
     (tmp_path / "train" / "neg" / "1_2.txt").write_text("  \n")
-    with pytest.raises(DataError, match=r"train/neg/1_2\.txt is empty; remove it or fill it in"):
+    with pytest.raises(DataError, match=r"train/neg/1_2\.txt is empty; fill it in or move it out of the folder"):
         read_split(Config(data_dir=str(tmp_path)), "train")
 
 

@@ -59,6 +59,12 @@ def write_parquet(path: Path, rows) -> str:
     return str(path)
 
 
+def _torch_file(path: Path, obj: object) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(obj, path)
+    return str(path)
+
+
 GOOD_ROWS = [{"text": "great film", "label": 1}, {"text": "bad film", "label": 0}] * 4
 
 
@@ -134,6 +140,7 @@ def files(tmp_path, tiny_dirs, bad_models):
         "label_minus_1": write(d / "label_minus_1.jsonl", jsonl(GOOD_ROWS + [{"text": "meh", "label": -1}])),
         "label_word": write(d / "label_word.csv", "text,label\ngreat,pos\nso-so,neutral\n"),
         "no_rows": write(d / "no_rows.csv", "text,label\n"),
+        "no_config_ckpt": _torch_file(d / "step_0000003.pt", {"model": {}, "step": 3}),
         "corrupt_ckpt": write(d / "step_0000005.pt", b"PK\x03\x04 this is not a torch checkpoint" + os.urandom(64)),
         "bad_json": write(d / "config.json", "{not json"),
         "not_a_dir": not_a_dir,
@@ -195,8 +202,8 @@ TRAIN_CASES = [
      r"no_text\.csv lacks column\(s\) text \(has review, label\)"),
     ("missing_label_column", ["--train_file", "{good}", "--test_file", "{no_label}"],
      r"no_label\.jsonl lacks column\(s\) label"),
-    ("empty_text", ["--train_file", "{empty_text}", "--test_file", "{good_test}"], r"empty_text\.jsonl line 9: empty or missing text; remove the row or fill it in$"),
-    ("missing_text", ["--train_file", "{missing_text}", "--test_file", "{good_test}"], r"missing_text\.csv line 3: empty or missing text; remove the row or fill it in$"),
+    ("empty_text", ["--train_file", "{empty_text}", "--test_file", "{good_test}"], r"empty_text\.jsonl line 9: empty or missing text; fill in its text$"),
+    ("missing_text", ["--train_file", "{missing_text}", "--test_file", "{good_test}"], r"missing_text\.csv line 3: empty or missing text; fill in its text$"),
     ("label_2", ["--train_file", "{label_2}", "--test_file", "{good_test}"], r"label_2\.jsonl line 9: label 2 is not 0/1 or neg/pos"),
     ("label_minus_1", ["--train_file", "{good}", "--test_file", "{label_minus_1}"],
      r"label_minus_1\.jsonl line 9: label -1 is not 0/1 or neg/pos"),
@@ -211,6 +218,11 @@ TRAIN_CASES = [
      r"max_length=256 exceeds the model's 128 positions"),
     ("corrupt_checkpoint", ["--data_dir", "{data_dir}", "--resume", "{corrupt_ckpt}"],
      r"checkpoint .*step_0000005\.pt is corrupt or unreadable"),
+    ("resume_a_folder", ["--data_dir", "{data_dir}", "--resume", "{data_dir}"],
+     r"--resume .*data is a folder; pass a checkpoint file in it"),
+    ("resume_checkpoint_without_config", ["--data_dir", "{data_dir}", "--resume", "{no_config_ckpt}"],
+     r"step_0000003\.pt is not a sentiment checkpoint \(it lacks optimizer, scaler, best_accuracy, bad_steps, "
+     r"config, rng\); pass another --resume"),
     ("missing_checkpoint", ["--data_dir", "{data_dir}", "--resume", "{missing}"], r"nope\.parquet does not exist"),
     ("missing_model", ["--data_dir", "{data_dir}", "--model_name_or_path", "{not_a_dir}/model"],
      r"could not load the tokenizer"),
@@ -264,12 +276,12 @@ TRAIN_CASES = [
      r"good_bad\.parquet: the label column is a ClassLabel with names \['bad', 'good'\]; "
      r"'bad', 'good' are not neg/pos"),
     ("invalid_json_line", ["--train_file", "{bad_json_line}", "--test_file", "{good_test}"],
-     r"bad_line\.jsonl line 7: not valid JSON \(Expecting property name enclosed in double quotes\); fix or remove "
+     r"bad_line\.jsonl line 7: not valid JSON \(Expecting property name enclosed in double quotes\); fix "
      r"that line$"),
     ("empty_text_after_multiline_csv_fields", ["--train_file", "{multiline_csv}", "--test_file", "{good_test}"],
-     r"multiline\.csv line 7: empty or missing text; remove the row or fill it in$"),
+     r"multiline\.csv line 7: empty or missing text; fill in its text$"),
     ("empty_text_parquet", ["--train_file", "{empty_text_parquet}", "--test_file", "{good_test}"],
-     r"empty_text\.parquet row 8 \(0-based\): empty or missing text; remove the row or fill it in$"),
+     r"empty_text\.parquet row 8 \(0-based\): empty or missing text; fill in its text$"),
     ("two_files_for_a_split", ["--data_dir", "{two_files}"],
      r"two_files holds both train\.csv and train\.jsonl for the train split; keep one \(move the other away\)$"),
     ("acl_imdb_and_a_file", ["--data_dir", "{acl_and_file}"],

@@ -155,7 +155,7 @@ def test_first_bad_json_line(tmp_path):
 def test_bad_rows_are_named_by_their_line(tmp_path):
     csv_path = tmp_path / "t.csv"
     csv_path.write_text('text,label\n"a\nlong review",1\n"b\n\nc",0\n,1\n')
-    with pytest.raises(DataError, match=rf"^{csv_path} line 7: empty or missing text; remove the row or fill it in$"):
+    with pytest.raises(DataError, match=rf"^{csv_path} line 7: empty or missing text; fill in its text$"):
         read_split(Config(train_file=str(csv_path)), "train")
     parquet = write_rows(tmp_path / "t.parquet", ROWS[:5] + [{"text": " ", "label": 1}])
     with pytest.raises(DataError, match=rf"^{parquet} row 5 \(0-based\): empty or missing text"):
