@@ -106,6 +106,19 @@ def mark(path: Path, run_id: str) -> None:
     write_json(path / MARKER, {"run_id": run_id, "program": "sentiment"})
 
 
+def start_writing(folder: RunFolder, run_id: str, resumed_at: int | None, config: dict, say) -> None:
+    """A run's first writes (rank 0): continuing, cut metrics.jsonl back to the checkpoint's step; replacing
+    a run, delete its files; then the marker (from here on the folder is ours) and config.json."""
+    if resumed_at is not None:
+        ckpt.truncate_metrics(folder.path / "metrics.jsonl", resumed_at)
+    elif folder.state in ("started", "finished"):
+        say(f"overwrite: deleting the run in {folder.path} and starting again")
+        clear_run(folder.path)
+    if run_id != folder.run_id:
+        mark(folder.path, run_id)
+    write_json(folder.path / "config.json", config)
+
+
 def clear_run(path: Path) -> None:
     """Remove a previous run's files from a folder we marked (never anything else in it)."""
     for name in RUN_FILES:

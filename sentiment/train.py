@@ -84,6 +84,13 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+def too_many_bad_steps(bad_steps: int, step: int, out: Path) -> TrainingError:
+    saved = ckpt.checkpoint_paths(out / ckpt.CHECKPOINT_DIR)
+    return TrainingError(f"{bad_steps} consecutive steps had a non-finite loss or gradient (last at step {step}); "
+                         + (f"the newest checkpoint, {saved[0]}, is intact" if saved else "no checkpoint was written yet")
+                         + ". Lower --lr, check the data, or use --precision fp32")
+
+
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader workers leave SIGTERM/SIGINT to the main process: SLURM and Ctrl-C signal the whole process
     group, and a worker killed by it would crash the main process before it can checkpoint."""
@@ -186,17 +193,9 @@ def run(cfg: Config, engine: Engine) -> dict:
                          f"{world}: dropout masks will differ from an uninterrupted run")
         engine.set_rng_state(state["rng"][engine.rank % len(state["rng"])])
         del state  # the optimizer and model hold copies; free the CPU memory
-    # the first writes: the marker (the folder is ours from here on), then the run's files
     run_id = folder.run_id if resume and folder.state == "started" else rundir.new_run_id()
-    if engine.is_main:
-        if resume:
-            ckpt.truncate_metrics(out / "metrics.jsonl", start_step)
-        elif folder.state in ("started", "finished"):
-            engine.print(f"overwrite: deleting the run in {out} and starting again")
-            rundir.clear_run(out)
-        if run_id != folder.run_id:
-            rundir.mark(out, run_id)
-        ckpt.write_json(out / "config.json", cfg.to_dict())
+    if engine.is_main:  # the first writes: the run marker, then config.json
+        rundir.start_writing(folder, run_id, start_step if resume else None, cfg.to_dict(), engine.print)
     engine.barrier()  # nobody reads the output dir before rank 0 has prepared it
     writer = SummaryWriter(str(out / "tensorboard")) if cfg.report_to == "tensorboard" and engine.is_main else None
     metrics_file = ckpt.AppendFile(out / "metrics.jsonl") if engine.is_main else None
@@ -317,11 +316,7 @@ def run(cfg: Config, engine: Engine) -> dict:
             elif engine.is_main and row["skipped"]:
                 bar.write(format_step(row, total_steps))
             if bad_steps >= cfg.max_bad_steps:
-                saved = ckpt.checkpoint_paths(out / ckpt.CHECKPOINT_DIR)
-                raise TrainingError(
-                    f"{bad_steps} consecutive steps had a non-finite loss or gradient (last at step {step + 1}); "
-                    + (f"the newest checkpoint, {saved[0]}, is intact" if saved else "no checkpoint was written yet")
-                    + ". Lower --lr, check the data, or use --precision fp32")
+                raise too_many_bad_steps(bad_steps, step + 1, out)
 
             # end of epoch: evaluate (validation split if any, else test, as the tutorial does)
             epoch_end = batch_in_epoch == steps_per_epoch - 1

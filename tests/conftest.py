@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from sentiment.config import Config
 from sentiment.tiny import write_tiny
@@ -17,6 +18,16 @@ SHARED_IMDB = REPO.parent / "shared" / "imdb"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on 2 shared cores: one intra-op thread is faster than two spinning against each other, and
+    it pins float reduction order to that of the one-thread subprocesses some tests compare against."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -19,13 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 PROGRESS = re.compile(r"[\w .-]*: *(\d+%\|[^|]*\| *)?\d+(/\d+)?( \w+)? \[[^\]]*\]")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on 2 shared cores: one intra-op thread is faster than two spinning against each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def error_line(stderr: str) -> str:

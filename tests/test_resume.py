@@ -126,13 +126,7 @@ def signal_at_step(proc: subprocess.Popen, run: Path, step: int, sig: int, log: 
     proc.send_signal(sig)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The thread count can change float reduction order: pin it to the subprocesses' one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
