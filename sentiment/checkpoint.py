@@ -111,12 +111,12 @@ def checkpoint_paths(folder: Path) -> list[Path]:
 def save_checkpoint(output_dir: Path, state: dict, keep_last: int) -> Path:
     """Write `state` as step_NNNNNNN.pt, then prune all but the last `keep_last` and the best one
     (`state["best_step"]`). Call on rank 0 only."""
-    folder = output_dir / CHECKPOINT_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step_{state['step']:07d}.pt"
+    path = checkpoint_path(output_dir, state["step"])
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: torch.save(state, f))
-    keep = checkpoint_paths(folder)[:keep_last] + [checkpoint_path(output_dir, state["best_step"])]
-    for old in checkpoint_paths(folder):
+    saved = checkpoint_paths(path.parent)  # newest first, the one just written included
+    keep = saved[:keep_last] + [checkpoint_path(output_dir, state["best_step"])]
+    for old in saved:
         if old not in keep:
             old.unlink()
     return path

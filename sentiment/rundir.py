@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sentiment import checkpoint as ckpt
-from sentiment.checkpoint import CHECKPOINT_DIR, CheckpointError, write_json
+from sentiment.checkpoint import CheckpointError, write_json
 from sentiment.config import Config, ConfigError, refuse_conflicts
 
 MARKER = ".sentiment-run.json"
 LOCK = ".sentiment-run.lock"
 OURS = (MARKER, LOCK)  # with their temp files (".<name>.tmp"): what an empty folder may already hold
-RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "report.md", CHECKPOINT_DIR, "model",
+RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "report.md", ckpt.CHECKPOINT_DIR, "model",
              "tensorboard", "plots")  # what a run writes; --overwrite removes exactly these, in our folders only
 
 
