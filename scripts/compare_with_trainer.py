@@ -118,8 +118,14 @@ def run_ours(cfg, log_path: Path) -> list[dict]:
 
 def run_trainer(init_dir: Path, data_dir: Path, settings: dict, out: Path, cfg, trainer_default: bool) -> list[dict]:
     """Train with transformers.Trainer from the same initial weights; its logged per-step rows."""
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
-                              PrinterCallback, Trainer, TrainingArguments)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        PrinterCallback,
+        Trainer,
+        TrainingArguments,
+    )
 
     from sentiment.data import load_splits
     from sentiment.model import load_model, load_tokenizer, param_groups

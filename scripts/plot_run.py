@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sentiment.config import SentimentError
+from sentiment.errors import SentimentError
 from sentiment.report import plot_run
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from sentiment.checkpoint import atomic_write
-from sentiment.data import DataError, check_split, read_file, stratified_split
+from sentiment.data import check_split, read_file, stratified_split
+from sentiment.errors import DataError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -163,8 +163,14 @@ def peak_memory_mb() -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainingArguments, default_data_collator)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+        default_data_collator,
+    )
 
     model_name = args.predict or args.model
     tokenizer = AutoTokenizer.from_pretrained(model_name)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sentiment.config import SentimentError
+from sentiment.errors import CheckpointError
 
 CHECKPOINT_DIR = "checkpoints"
 NAME = re.compile(r"^step_(\d+)\.pt$")
@@ -30,9 +30,6 @@ NAME = re.compile(r"^step_(\d+)\.pt$")
 REQUIRED = ("model", "optimizer", "scaler", "step", "best_accuracy", "bad_steps", "config", "rng")
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, over quota, over the file size limit
 
-
-class CheckpointError(SentimentError):
-    """A checkpoint or run folder that cannot be used: the message says which file and what to do."""
 
 
 @contextlib.contextmanager

@@ -15,7 +15,8 @@ import difflib
 import sys
 from dataclasses import fields
 
-from sentiment.config import PRESETS, Config, ConfigError, SentimentError, build_config
+from sentiment.config import PRESETS, Config, build_config
+from sentiment.errors import ConfigError, SentimentError
 
 COMMANDS = ("train", "evaluate", "predict", "plot")
 
@@ -82,10 +83,10 @@ def main(argv: list[str] | None = None) -> int:
             from sentiment.train import train
             train(cfg)
         elif command == "evaluate":
-            from sentiment.evaluate import evaluate_saved
+            from sentiment.commands import evaluate_saved
             evaluate_saved(cfg)
         elif command == "predict":
-            from sentiment.evaluate import predict_texts
+            from sentiment.commands import predict_texts
             predict_texts(cfg, args.texts)
         elif command == "plot":
             from sentiment.report import plot_run

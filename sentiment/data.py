@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sentiment.config import Config, DataError
-# DataError, LABEL_NAMES and check_split are also imported from here (model.py, scripts/split_data.py)
+from sentiment.config import Config
+from sentiment.errors import DataError
+
+# LABEL_NAMES and check_split are also imported from here (model.py, scripts/split_data.py)
 from sentiment.rows import LABEL_NAMES, check_split, check_two_classes, class_counts, first_bad_json_line
 
 FILE_READERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}

@@ -8,12 +8,10 @@ of the code asks the returned `Engine` (`engine.autocast()`, `engine.wrap(model)
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
 import os
 import random
 import resource
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,14 +19,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from sentiment.config import ConfigError
+from sentiment import malloc
+from sentiment.errors import ConfigError
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-# Dense bf16/fp16 tensor-core peaks (FLOP/s, no sparsity) for the MFU figure; matched by substring
-# of torch.cuda.get_device_name(). Sources: NVIDIA data sheets (H100 SXM5, H200, A100, L4, ...).
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12,
-              "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
 
 
 @dataclass(frozen=True)
@@ -172,15 +166,10 @@ class Engine:
             return torch.cuda.max_memory_allocated(self.device) / 2**20
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
-    def peak_flops(self) -> float | None:
-        """The device's dense peak FLOP/s at this precision, for MFU; None where unknown (CPU)."""
-        if self.device.type != "cuda":
-            return None
-        name = torch.cuda.get_device_name(self.device)
-        peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-        if peak is not None and self.precision == "fp32":
-            peak /= 2  # TF32 tensor cores run at half the bf16 rate
-        return peak
+    @property
+    def device_name(self) -> str:
+        """The GPU's marketing name (e.g. "NVIDIA H100 80GB HBM3"), else the device type."""
+        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type
 
     def rng_state(self) -> dict:
         """Every RNG this process draws from: Python, NumPy, torch CPU and this process's CUDA device."""
@@ -280,7 +269,8 @@ def resolve_precision(requested: str, device: torch.device) -> tuple[str, str]:
     return requested, "requested"
 
 
-def setup_engine(device: str = "auto", precision: str = "auto", seed: int = 0) -> Engine:
+def setup_engine(device: str = "auto", precision: str = "auto", seed: int = 0,
+                 keep_freed_memory: bool = True) -> Engine:
     """Decide device, precision and process group once; print each decision and its reason.
 
     Under `torchrun` (RANK/LOCAL_RANK/WORLD_SIZE set) this joins the process group: nccl on CUDA,
@@ -317,17 +307,7 @@ def setup_engine(device: str = "auto", precision: str = "auto", seed: int = 0) -
         torch.set_num_threads(threads)
         decisions.append(f"threads={threads} per rank (CPU cores split between local ranks)")
     if dev.type == "cpu":
-        chosen = malloc_chosen_outside()
-        if chosen:
-            decisions.append(f"malloc=as the environment sets it ({chosen})")
-        elif keep_freed_memory():
-            decisions.append("malloc=keep freed memory for reuse (CPU: large tensors are otherwise re-faulted page "
-                             "by page every step; ~10% faster at 512 tokens, peak memory up to ~1.5x; opt out "
-                             "with MALLOC_TRIM_THRESHOLD_=131072)")
-    if rank != 0:
-        quiet_libraries(progress_bars_only=False)
-    elif not sys.stderr.isatty():
-        quiet_libraries(progress_bars_only=True)  # in a log file, bars are noise in front of the messages
+        decisions.append(malloc.configure(keep_freed_memory))
     seed_everything(seed)
     engine = Engine(device=dev, precision=prec, rank=rank, local_rank=local_rank,
                     world_size=world_size, decisions=tuple(decisions))
@@ -335,57 +315,3 @@ def setup_engine(device: str = "auto", precision: str = "auto", seed: int = 0) -
         engine.print(f"engine: {line}")
     return engine
 
-
-def malloc_chosen_outside() -> str:
-    """The variable through which the user already chose the allocator's behaviour, or "": glibc's
-    MALLOC_*_THRESHOLD_ tunables, or jemalloc/tcmalloc preloaded (where mallopt would do nothing)."""
-    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
-        if os.environ.get(name):
-            return f"{name}={os.environ[name]}"
-    preload = os.environ.get("LD_PRELOAD", "")
-    return f"LD_PRELOAD={preload}" if any(lib in preload for lib in ("jemalloc", "tcmalloc")) else ""
-
-
-def keep_freed_memory() -> bool:
-    """Have glibc's malloc keep freed memory for reuse rather than hand it back to the OS; True if set.
-
-    By default malloc serves each block over its mmap threshold (32 MB at most) with fresh pages and
-    unmaps them on free, so every step's large activations, e.g. MiniLM's (8, 12, 512, 512) fp32
-    attention scores at 96 MB, are zero-filled page by page again. Measured on 2 cores (issue 3, MiniLM,
-    400 reviews at 512 tokens, fp32): 13M page faults and 27 s of kernel time per run, and the run ~10%
-    slower than with this setting. The cost: freed memory stays with the process and the heap fragments,
-    so peak RSS grew from 4.0 to 5.8 GB there (7.1 GB in bf16). The MALLOC_MMAP_THRESHOLD_ and
-    MALLOC_TRIM_THRESHOLD_ variables do the same from outside; preloading jemalloc or tcmalloc (PyTorch's
-    CPU tuning guide) is the other remedy. Linux/glibc only; elsewhere a no-op returning False."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-        return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, (1 << 31) - 1))
-    except (OSError, AttributeError):  # not glibc (musl, ...)
-        return False
-
-
-def quiet_libraries(progress_bars_only: bool) -> None:
-    """Silence transformers' and datasets' progress bars, and unless `progress_bars_only` their info
-    logs too (on ranks other than 0, which stay quiet: rank 0 speaks for the job). Errors still print."""
-    import datasets
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    if not progress_bars_only:
-        transformers.utils.logging.set_verbosity_error()
-        datasets.utils.logging.set_verbosity_error()
-
-
-def environment_summary(engine: Engine) -> dict:
-    """Library versions and the device name, for the run header and config.json."""
-    import transformers  # local import: only needed for the header
-
-    name = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else (
-        engine.device.type)
-    return {"python": sys.version.split()[0], "torch": torch.__version__,
-            "transformers": transformers.__version__, "device_name": name,
-            "world_size": engine.world_size}

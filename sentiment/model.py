@@ -6,13 +6,8 @@ from pathlib import Path
 
 import torch
 
-from sentiment.config import SentimentError
 from sentiment.data import LABEL_NAMES
-
-
-class ModelError(SentimentError, ValueError):
-    """The model or tokenizer could not be loaded: the message says what to pass instead."""
-
+from sentiment.errors import ConfigError, ModelError
 
 # any one of these holds a vocabulary (WordPiece, SentencePiece, BPE); tokenizer_config.json alone does not
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "spiece.model", "vocab.json",
@@ -89,9 +84,13 @@ def load_model(name: str, dropout: float = -1.0, gradient_checkpointing: bool = 
     return model
 
 
-def max_positions(model) -> int:
-    """The longest input the model's position embeddings allow (512 for BERT)."""
-    return int(getattr(model.config, "max_position_embeddings", 512))
+def check_max_length(max_length: int, model) -> None:
+    """The one rule for every command: inputs longer than the model's position embeddings (512 for BERT)
+    would crash inside them, so a larger --max_length is refused, never silently cut."""
+    positions = int(getattr(model.config, "max_position_embeddings", 512))
+    if max_length > positions:
+        raise ConfigError(f"max_length={max_length} exceeds the model's {positions} positions; "
+                          f"use --max_length {positions} or less")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from sentiment.checkpoint import atomic_write
-from sentiment.config import ConfigError
 from sentiment.data import LABEL_NAMES
+from sentiment.errors import ConfigError
 
 PLOTS_DIR = "plots"
 FIGURES = {  # file name: what it shows, in the order report.md embeds them

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sentiment.config import DataError
+from sentiment.errors import DataError
 
 LABEL_NAMES = ("neg", "pos")
 LABEL_SPELLINGS = (("neg", "negative", "0"), ("pos", "positive", "1"))  # case and spaces ignored

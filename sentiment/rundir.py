@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sentiment import checkpoint as ckpt
-from sentiment.checkpoint import CheckpointError, write_json
-from sentiment.config import Config, ConfigError, refuse_conflicts
+from sentiment.checkpoint import write_json
+from sentiment.config import Config, refuse_conflicts
+from sentiment.errors import CheckpointError, ConfigError
 
 MARKER = ".sentiment-run.json"
 LOCK = ".sentiment-run.lock"

@@ -17,23 +17,19 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sentiment import checkpoint as ckpt
 from sentiment import rundir
-from sentiment.config import Config, ConfigError, SentimentError
+from sentiment.config import Config
 from sentiment.data import ReviewDataset, collator, global_batches, load_splits, micro_batches
 from sentiment.engine import Engine, environment_summary, setup_engine
+from sentiment.errors import ConfigError
 from sentiment.evaluate import evaluate
 from sentiment.model import check_tokenizer, count_params, load_model, load_tokenizer, max_positions, param_groups
 from sentiment.report import misclassified, write_report
-
-
-class TrainingError(SentimentError):
-    """Training cannot go on (repeated non-finite steps, out of memory): the message says why and what to try."""
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:

@@ -7,7 +7,8 @@ import re
 import pytest
 
 from sentiment.cli import parse
-from sentiment.config import PRESETS, Config, ConfigError, build_config, coerce, resume_conflicts
+from sentiment.config import PRESETS, Config, build_config, coerce, resume_conflicts
+from sentiment.errors import ConfigError
 
 
 def test_defaults_are_the_tutorials():

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from sentiment.config import Config
-from sentiment.data import (Collator, DataError, ReviewDataset, collator, eval_batches, global_batches,
-                            load_splits, micro_batches, read_split, stratified_split, take, tokenize, truncate_ids)
+from sentiment.data import (Collator, ReviewDataset, collator, eval_batches, global_batches, load_splits,
+                            micro_batches, read_split, stratified_split, take, tokenize, truncate_ids)
+from sentiment.errors import DataError
 from sentiment.tiny import make_reviews, make_tokenizer
 
 CLS, SEP = 101, 102

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from sentiment.config import Config
 from sentiment.data import eval_batches
-from sentiment.evaluate import evaluate_saved
+from sentiment.commands import evaluate_saved
 from sentiment.train import train
 
 REPO = Path(__file__).resolve().parents[1]

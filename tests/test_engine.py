@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from sentiment.config import ConfigError
 from sentiment.engine import Engine, cpu_has_native_bf16, setup_engine
+from sentiment.errors import ConfigError
 from sentiment.tiny import make_model
 
 

@@ -5,7 +5,8 @@ import shutil
 
 import pytest
 
-from sentiment.model import ModelError, check_tokenizer, load_tokenizer
+from sentiment.errors import ModelError
+from sentiment.model import check_tokenizer, load_tokenizer
 from sentiment.tiny import VOCAB, make_model, make_tokenizer
 
 

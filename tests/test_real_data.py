@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import SHARED_IMDB, minilm_path
+
 from sentiment.train import train
 
 N_TRAIN_PER_LABEL = 160  # 320 training reviews

@@ -12,7 +12,8 @@ import pytest
 
 from sentiment import cli
 from sentiment import report as report_module
-from sentiment.config import Config, ConfigError
+from sentiment.config import Config
+from sentiment.errors import ConfigError
 from sentiment.report import FIGURES, misclassified, plot_run, write_report
 from sentiment.train import train
 

@@ -26,9 +26,10 @@ from safetensors.torch import load_file
 
 from sentiment import checkpoint as ckpt
 from sentiment import train as train_module
-from sentiment.config import Config, ConfigError
+from sentiment.config import Config
+from sentiment.errors import ConfigError, TrainingError
 from sentiment.tiny import make_reviews, write_jsonl
-from sentiment.train import TrainingError, train
+from sentiment.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from sentiment.config import Config
-from sentiment.data import DataError, load_splits, read_split
+from sentiment.data import load_splits, read_split
+from sentiment.errors import DataError
 from sentiment.rows import (check_two_classes, class_label_ids, csv_line, first_bad_json_line, json_line,
                             normalize_label, row_location)
 from sentiment.tiny import make_tokenizer

@@ -19,9 +19,10 @@ import torch
 from sentiment import checkpoint as ckpt
 from sentiment import rundir
 from sentiment.cli import main
-from sentiment.config import Config, ConfigError
+from sentiment.config import Config
+from sentiment.errors import CheckpointError, ConfigError, TrainingError
 from sentiment.tiny import VOCAB, make_reviews, make_tokenizer, write_jsonl
-from sentiment.train import TrainingError, train
+from sentiment.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -189,7 +190,7 @@ def test_resume_refuses_changed_training_data(tiny_copy, tmp_path, capsys):
     original = (data_dir / "train.jsonl").read_bytes()
     write_jsonl(data_dir / "train.jsonl", rows)
     before = snapshot(out)
-    with pytest.raises(ckpt.CheckpointError, match=r"the training data differ from what its run used"):
+    with pytest.raises(CheckpointError, match=r"the training data differ from what its run used"):
         train(Config(**{**values, "resume": "auto"}))
     assert snapshot(out) == before
     (data_dir / "train.jsonl").write_bytes(original)  # put back: the resume goes on
@@ -207,7 +208,7 @@ def test_resume_refuses_a_changed_tokenizer(tiny_copy, tmp_path):
 
     vocab = {w: i for i, w in enumerate(reversed(VOCAB))}  # the same words and size, other ids
     BertTokenizerFast(vocab=vocab, do_lower_case=True).save_pretrained(model_dir)
-    with pytest.raises((ckpt.CheckpointError, ConfigError), match=r"tokenizer"):
+    with pytest.raises((CheckpointError, ConfigError), match=r"tokenizer"):
         train(Config(**{**values, "resume": "auto"}))
 
 
@@ -278,7 +279,7 @@ def test_inspect_names_every_state(tmp_path):
     write(tmp_path / "ours" / "results.json", "{}")
     assert rundir.inspect(tmp_path / "ours").state == "finished"
     write(tmp_path / "a_file", "x")
-    with pytest.raises(ckpt.CheckpointError, match="is a file, not a folder"):
+    with pytest.raises(CheckpointError, match="is a file, not a folder"):
         rundir.inspect(tmp_path / "a_file")
 
 
@@ -299,9 +300,9 @@ def test_pruning_keeps_the_last_and_the_best_named_by_the_newest(tmp_path):
 def test_a_checkpoint_without_what_resume_needs_is_refused(tmp_path):
     path = tmp_path / "step_0000003.pt"
     torch.save({"model": {}, "step": 3}, path)  # no config, optimizer, rng...
-    with pytest.raises(ckpt.CheckpointError, match=r"is not a sentiment checkpoint \(it lacks optimizer, scaler"):
+    with pytest.raises(CheckpointError, match=r"is not a sentiment checkpoint \(it lacks optimizer, scaler"):
         ckpt.load_checkpoint(path)
-    with pytest.raises(ckpt.CheckpointError, match=r"is a folder; pass a checkpoint file in it"):
+    with pytest.raises(CheckpointError, match=r"is a folder; pass a checkpoint file in it"):
         ckpt.find_resume(str(tmp_path), tmp_path / "out")
 
 
@@ -312,8 +313,9 @@ def test_repeated_nans_before_any_checkpoint_say_so(tiny_config):
 
 
 def test_fingerprint_sees_tokens_labels_and_vocabulary(tiny_dirs):
-    from sentiment.data import tokenize
     import datasets
+
+    from sentiment.data import tokenize
 
     tok = make_tokenizer()
     ds = datasets.Dataset.from_list(make_reviews(10))
