@@ -10,6 +10,7 @@ bounds the disk used; pruning comes after the new checkpoint is in place.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -123,11 +124,12 @@ def checkpoint_path(output_dir: Path, step: int) -> Path:
     return output_dir / CHECKPOINT_DIR / f"step_{step:07d}.pt"
 
 
-def load_checkpoint(path: Path) -> dict:
-    """Load one checkpoint file onto the CPU, or raise CheckpointError naming it."""
+def load_checkpoint(path: Path, mmap: bool = False) -> dict:
+    """Load one checkpoint file onto the CPU, or raise CheckpointError naming it. mmap=True maps the
+    tensors instead of reading them: the bookkeeping entries cost no more than their own size."""
     try:
         # weights_only=False: the file holds RNG states and NumPy objects, and we wrote it ourselves
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist; check --resume") from None
     except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, ...
@@ -140,21 +142,71 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
-def find_resume(resume: str, output_dir: Path, warn: Callable[[str], None] = print) -> tuple[Path, dict] | None:
-    """(path, state) to resume from: `auto` = the newest checkpoint in output_dir that loads
-    (a corrupt newer one is reported with `warn`, e.g. rank 0's print, and skipped), or an explicit
-    path; None if `auto` finds none."""
+@dataclasses.dataclass(frozen=True)
+class Resume:
+    """A checkpoint chosen to resume from, as read without its tensors: what deciding whether it may be
+    used needs. The tensors are read once the model and optimizer exist (restore_state)."""
+    path: Path
+    step: int
+    config: dict
+    run_id: str | None  # None: written before runs had ids
+    fingerprint: dict | None  # None: written before checkpoints recorded one
+
+    @classmethod
+    def read(cls, path: Path) -> "Resume":
+        state = load_checkpoint(path, mmap=True)
+        return cls(path, state["step"], state["config"], state.get("run_id"), state.get("fingerprint"))
+
+
+def find_resume(resume: str, output_dir: Path, warn: Callable[[str], None] = print) -> Resume | None:
+    """The checkpoint to resume from: `auto` = the newest checkpoint in output_dir that loads (a corrupt
+    newer one is reported with `warn`, e.g. rank 0's print, and skipped), or an explicit path; None if
+    `auto` finds none."""
     if resume != "auto":
         if Path(resume).is_dir():
             raise CheckpointError(f"--resume {resume} is a folder; pass a checkpoint file in it (e.g. "
                                   f"{CHECKPOINT_DIR}/step_NNNNNNN.pt), or --resume auto with --output_dir set to the run")
-        return Path(resume), load_checkpoint(Path(resume))
+        return Resume.read(Path(resume))
     for path in checkpoint_paths(output_dir / CHECKPOINT_DIR):
         try:
-            return path, load_checkpoint(path)
+            return Resume.read(path)
         except CheckpointError as e:
             warn(f"warning: {e}; trying an older checkpoint")
     return None
+
+
+@dataclasses.dataclass
+class Progress:
+    """What a training loop carries from step to step besides the tensors, and a checkpoint saves."""
+    step: int = 0  # optimizer steps done
+    best_accuracy: float = -1.0  # best validation accuracy so far
+    best_step: int = 0  # the step of the checkpoint holding it; 0 = none yet
+    bad_steps: int = 0  # consecutive non-finite steps
+
+    def new_best(self, accuracy: float) -> bool:
+        """Record a validation accuracy at the current step; True if it is the best so far."""
+        if accuracy <= self.best_accuracy:
+            return False
+        self.best_accuracy, self.best_step = accuracy, self.step
+        return True
+
+
+def build_state(model, optimizer, scaler, progress: Progress, run: dict, engine) -> dict:
+    """Everything a resumed run needs to go on exactly as an uninterrupted one: weights, optimizer and
+    scaler state, the progress, `run` (config, run_id, fingerprint), and every rank's RNG states
+    (gathered: a collective, so every rank calls this)."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            **dataclasses.asdict(progress), **run, "rng": engine.gather_rng_states()}
+
+
+def restore_state(state: dict, model, optimizer, scaler, engine) -> Progress:
+    """The inverse of build_state: load the tensors into the live objects, this rank's RNG states into the
+    process, and return the progress to continue from."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    engine.restore_rng_states(state["rng"])
+    return Progress(state["step"], state["best_accuracy"], state.get("best_step", 0), state["bad_steps"])
 
 
 def fingerprint(tokenizer, train, val) -> dict[str, str]:
@@ -174,9 +226,8 @@ def fingerprint(tokenizer, train, val) -> dict[str, str]:
             "tokenizer": digest(vocab)}
 
 
-def check_fingerprint(resume: tuple[Path, dict], now: dict[str, str], say: Callable[[str], None]) -> None:
-    path, state = resume
-    saved = state.get("fingerprint")
+def check_fingerprint(resume: Resume, now: dict[str, str], say: Callable[[str], None]) -> None:
+    path, saved = resume.path, resume.fingerprint
     if saved is None:
         say(f"warning: checkpoint {path} records no data fingerprint (an older version wrote it): "
             "the data it was trained on cannot be checked")

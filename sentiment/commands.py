@@ -12,17 +12,17 @@ from sentiment.data import LABEL_NAMES, collator, read_split, take, tokenize
 from sentiment.engine import Engine, setup_engine
 from sentiment.errors import ConfigError
 from sentiment.evaluate import evaluate, predict_probs
-from sentiment.model import check_max_length, check_tokenizer, load_model, load_tokenizer
+from sentiment.model import check_max_length, check_tokenizer, load_model, load_model_config, load_tokenizer
 from sentiment.runlog import quiet_libraries
 
 
 def load_for_inference(cfg: Config, engine: Engine):
     """(model, tokenizer, collate) for the saved model at cfg.model_name_or_path, ready on the engine's device."""
     tokenizer = load_tokenizer(cfg.model_name_or_path)
-    model = load_model(cfg.model_name_or_path)
-    check_tokenizer(tokenizer, model, cfg.model_name_or_path)
-    check_max_length(cfg.max_length, model)
-    model = engine.wrap(model, compile=cfg.compile, inference=True)
+    config = load_model_config(cfg.model_name_or_path)
+    check_tokenizer(tokenizer, config, cfg.model_name_or_path)
+    check_max_length(cfg.max_length, config)
+    model = engine.wrap(load_model(cfg.model_name_or_path, config=config), compile=cfg.compile, inference=True)
     return model, tokenizer, collator(cfg, tokenizer.pad_token_id)
 
 

@@ -115,6 +115,11 @@ class Engine:
             return model.no_sync()
         return contextlib.nullcontext()
 
+    def sum_over_ranks(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to backpropagate on this rank. DDP averages gradients over ranks; each rank's loss is
+        already its share of the global batch's mean, so multiplying by world_size makes that average a sum."""
+        return loss * self.world_size if self.distributed else loss
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.distributed:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
@@ -151,11 +156,6 @@ class Engine:
         if self.distributed:
             dist.barrier()
 
-    def synchronize(self) -> None:
-        """Wait for queued device work, so wall-clock timings measure it (a CPU-GPU sync)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def reset_peak_memory(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -184,6 +184,17 @@ class Engine:
         rank (and DDP broadcasts rank 0's anyway), but dropout must not draw the same masks on every
         rank's share of the batch."""
         torch.manual_seed(seed + self.rank)
+
+    def gather_rng_states(self) -> list[dict]:
+        """Every rank's RNG states in rank order, for a checkpoint (a collective: every rank calls it)."""
+        return self.all_gather_objects(self.rng_state())
+
+    def restore_rng_states(self, states: list[dict]) -> None:
+        """This rank's RNG states from a checkpoint's list; on another world size they are reused round-robin."""
+        if len(states) != self.world_size:
+            self.print(f"warning: checkpoint was written by {len(states)} processes, resuming on "
+                       f"{self.world_size}: dropout masks will differ from an uninterrupted run")
+        self.set_rng_state(states[self.rank % len(states)])
 
     def set_rng_state(self, state: dict) -> None:
         random.setstate(state["python"])

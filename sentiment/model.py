@@ -36,7 +36,7 @@ def load_tokenizer(name: str):
         raise _load_error(name, "tokenizer", e) from None
 
 
-def check_tokenizer(tokenizer, model, name: str) -> None:
+def check_tokenizer(tokenizer, config, name: str) -> None:
     """Refuse, before a run writes anything, a tokenizer that would crash it midway: one without [CLS],
     [SEP] or [PAD] (batches cannot be built), or one with more tokens than the model's embedding rows
     (the first review holding a token past the table is an index error)."""
@@ -45,20 +45,17 @@ def check_tokenizer(tokenizer, model, name: str) -> None:
         raise ModelError(f"the tokenizer of {name} has no {', '.join(missing)} token "
                          f"({', '.join(f'{kind}_token_id' for kind in missing)} is None); batches are [CLS] text "
                          "[SEP] padded with [PAD]: use a BERT-style model, or copy its base model's tokenizer files")
-    rows = model.get_input_embeddings().num_embeddings
+    rows = config.vocab_size  # the rows of the input embedding table
     if len(tokenizer) > rows:
         raise ModelError(f"the tokenizer of {name} has {len(tokenizer)} tokens but the model's embedding table has "
                          f"{rows} rows (ids >= {rows} would index past it); use the tokenizer the model was "
                          "trained with, or resize the model's embeddings to the tokenizer and save it")
 
 
-def load_model(name: str, dropout: float = -1.0, gradient_checkpointing: bool = False):
-    """A sequence classifier with 2 labels named neg/pos, on SDPA attention (fused kernels).
-
-    The classification head is new (randomly initialised from the current torch seed) when the
-    checkpoint is a plain encoder such as bert-base-uncased."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
+def load_model_config(name: str, dropout: float = -1.0):
+    """The model's config (cheap: no weights), with 2 labels named neg/pos and the dropout asked for: enough
+    to check the tokenizer and max_length before any data is tokenized."""
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(
@@ -70,6 +67,17 @@ def load_model(name: str, dropout: float = -1.0, gradient_checkpointing: bool = 
         for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
             if hasattr(config, key):
                 setattr(config, key, dropout)
+    return config
+
+
+def load_model(name: str, dropout: float = -1.0, gradient_checkpointing: bool = False, config=None):
+    """A sequence classifier on SDPA attention (fused kernels), built from `config` (if None, from
+    load_model_config(name, dropout)). The classification head is new (randomly initialised from the current torch seed) when the
+    checkpoint is a plain encoder such as bert-base-uncased."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    config = config if config is not None else load_model_config(name, dropout)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "some weights were newly initialized": expected, the head is new
     try:
@@ -84,10 +92,10 @@ def load_model(name: str, dropout: float = -1.0, gradient_checkpointing: bool = 
     return model
 
 
-def check_max_length(max_length: int, model) -> None:
+def check_max_length(max_length: int, config) -> None:
     """The one rule for every command: inputs longer than the model's position embeddings (512 for BERT)
     would crash inside them, so a larger --max_length is refused, never silently cut."""
-    positions = int(getattr(model.config, "max_position_embeddings", 512))
+    positions = int(getattr(config, "max_position_embeddings", 512))
     if max_length > positions:
         raise ConfigError(f"max_length={max_length} exceeds the model's {positions} positions; "
                           f"use --max_length {positions} or less")

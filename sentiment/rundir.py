@@ -90,11 +90,10 @@ def refuse_overlaps(cfg: Config) -> None:
             raise ConfigError(f"output_dir {out} is the folder of {flag} {value}; pass an --output_dir of its own")
 
 
-def check_same_run(resume: tuple[Path, dict], folder: RunFolder) -> None:
+def check_same_run(resume: ckpt.Resume, folder: RunFolder) -> None:
     """An explicit checkpoint may continue the run of the folder it is resumed into, not another one."""
-    path, state = resume
-    if folder.state in ("started", "finished") and state.get("run_id") != folder.run_id:
-        raise ConfigError(f"checkpoint {path} belongs to another run than the one in output_dir {folder.path}; "
+    if folder.state in ("started", "finished") and resume.run_id != folder.run_id:
+        raise ConfigError(f"checkpoint {resume.path} belongs to another run than the one in output_dir {folder.path}; "
                           "nothing was changed: pass a new --output_dir to continue that checkpoint there")
 
 
@@ -201,7 +200,7 @@ def read_json(path: Path) -> dict:
                               "is left as it is: pass another --output_dir") from None
 
 
-def plan_start(cfg: Config, folder: RunFolder, say) -> tuple[tuple[Path, dict] | None, dict | None]:
+def plan_start(cfg: Config, folder: RunFolder, say) -> tuple[ckpt.Resume | None, dict | None]:
     """(checkpoint to resume from or None, results of a finished run to return as they are or None),
     or a ConfigError saying why this run may not start in `folder`."""
     if folder.state == "finished" and not cfg.overwrite:
@@ -216,7 +215,7 @@ def plan_start(cfg: Config, folder: RunFolder, say) -> tuple[tuple[Path, dict] |
     resume = ckpt.find_resume(cfg.resume, folder.path, say) if cfg.resume and folder.state != "finished" else None
     if resume:
         check_same_run(resume, folder)
-        refuse_conflicts(resume[1]["config"], cfg, f"from {resume[0]}")
+        refuse_conflicts(resume.config, cfg, f"from {resume.path}")
     elif cfg.resume == "auto":  # what a requeued job passes every time: continue if there is anything to continue
         say(f"resume auto: no checkpoint in {folder.path}, starting a fresh run")
     elif folder.state == "started" and not cfg.overwrite:

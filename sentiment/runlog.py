@@ -7,6 +7,7 @@ other than 0 everything but errors (rank 0 speaks for the job).
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -160,8 +161,6 @@ class RunLog:
 
     def write(self, row: dict) -> None:
         """One row to metrics.jsonl and to TensorBoard (every number but the step, under train/ or the split)."""
-        import json
-
         if self.file:
             self.file.append(json.dumps(row) + "\n")
         if self.tensorboard:

@@ -22,7 +22,7 @@ def model():
 
 
 def test_the_tiny_tokenizer_passes(model):
-    check_tokenizer(make_tokenizer(), model, "tiny")
+    check_tokenizer(make_tokenizer(), model.config, "tiny")
 
 
 @pytest.mark.parametrize("special, missing", [
@@ -34,7 +34,7 @@ def test_the_tiny_tokenizer_passes(model):
 def test_a_tokenizer_without_special_tokens_is_refused(model, special, missing):
     with pytest.raises(ModelError, match=r"^the tokenizer of m/x has no " + missing.replace("(", r"\(").replace(
             ")", r"\)") + r"; batches are \[CLS\] text \[SEP\] padded with \[PAD\]"):
-        check_tokenizer(bert_tokenizer(**special), model, "m/x")
+        check_tokenizer(bert_tokenizer(**special), model.config, "m/x")
 
 
 def test_a_tokenizer_larger_than_the_embedding_table_is_refused(model):
@@ -43,7 +43,7 @@ def test_a_tokenizer_larger_than_the_embedding_table_is_refused(model):
     assert len(tokenizer) == len(VOCAB) + 2
     with pytest.raises(ModelError, match=rf"^the tokenizer of m/x has {len(VOCAB) + 2} tokens but the model's "
                                          rf"embedding table has {len(VOCAB)} rows"):
-        check_tokenizer(tokenizer, model, "m/x")
+        check_tokenizer(tokenizer, model.config, "m/x")
 
 
 def test_a_model_folder_without_tokenizer_files_is_refused(tiny_dirs, tmp_path):

@@ -159,7 +159,7 @@ def test_sigkill_at_a_random_step_then_resume_auto_is_bitwise_identical(referenc
     assert not (run / "model").exists(), "the run finished before the kill: the test proved nothing"
 
     # the row of step k is written before step k's checkpoint: the kill may have come in between
-    newest_valid = ckpt.find_resume("auto", run)[1]["step"]
+    newest_valid = ckpt.find_resume("auto", run).step
     assert newest_valid >= kill_at - 1
     output = resume_in_process(values, capsys)
     assert f"resuming at step {newest_valid}" in output

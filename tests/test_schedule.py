@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import get_linear_schedule_with_warmup
 
-from sentiment.train import lr_at
+from sentiment.loop import lr_at
 
 
 def reference_lrs(total_steps: int, warmup_steps: int, peak_lr: float) -> list[float]:

@@ -163,16 +163,26 @@ def test_predict_command(trained, capsys):
     assert all(0.5 <= float(prob) <= 1.0 for _, prob, _ in lines)
 
 
-def test_predict_caps_max_length_at_the_models_positions(trained, capsys):
-    """The default max_length 512 exceeds the tiny model's 128 positions: a long review must not crash."""
-    _, _, out = trained
-    long_review = " ".join(["great excellent movie"] * 100)  # 300 words
-    code = main(["predict", long_review, "--model_name_or_path", str(out / "model"), "--device", "cpu",
-                 "--precision", "fp32"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "predict"])
+def test_one_max_length_rule_for_every_command(trained, tiny_dirs, tmp_path, command, capsys):
+    """A max_length past the model's 128 positions is refused the same way by every command, before any work."""
+    _, data_dir = tiny_dirs
+    model = str(trained[2] / "model")
+    extra = {"train": ["--data_dir", str(data_dir), "--output_dir", str(tmp_path / "run")],
+             "evaluate": ["--data_dir", str(data_dir)], "predict": ["a fine film"]}[command]
+    code = main([command, *extra, "--model_name_or_path", model, "--device", "cpu", "--max_length", "129"])
+    assert code == 2
+    assert capsys.readouterr().err == ("error: max_length=129 exceeds the model's 128 positions; "
+                                       "use --max_length 128 or less\n")
+    assert not (tmp_path / "run").exists()
+
+
+def test_predict_truncates_a_review_longer_than_max_length(trained, capsys):
+    long_review = " ".join(["great excellent movie"] * 100)  # 300 words, cut to 128 tokens
+    code = main(["predict", long_review, "--model_name_or_path", str(trained[2] / "model"), "--device", "cpu",
+                 "--precision", "fp32", "--max_length", "128"])
     assert code == 0
-    printed = capsys.readouterr().out
-    assert "max_length=512 exceeds the model's 128 positions: using 128" in printed
-    assert [line.split("\t")[0] for line in printed.splitlines() if "\t" in line] == ["pos"]
+    assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines() if "\t" in line] == ["pos"]
 
 
 def test_cli_train_runs(tiny_dirs, tmp_path):
