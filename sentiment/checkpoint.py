@@ -183,6 +183,11 @@ class Progress:
     best_step: int = 0  # the step of the checkpoint holding it; 0 = none yet
     bad_steps: int = 0  # consecutive non-finite steps
 
+    def step_done(self, bad: bool) -> None:
+        """One more optimizer step; `bad` (non-finite) steps in a row are counted, a good one resets them."""
+        self.step += 1
+        self.bad_steps = self.bad_steps + 1 if bad else 0
+
     def new_best(self, accuracy: float) -> bool:
         """Record a validation accuracy at the current step; True if it is the best so far."""
         if accuracy <= self.best_accuracy:

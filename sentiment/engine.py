@@ -89,6 +89,8 @@ class Engine:
             # lengths are padded to multiples of 64 (see data.pad_multiple), so at most 8 shapes per
             # batch size: compile each statically rather than paying for dynamic-shape kernels
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            self.print("engine: compile=on (static shapes; torch._dynamo's cache_size_limit raised to "
+                       f"{torch._dynamo.config.cache_size_limit} for this process: one graph per padded length)")
             model = torch.compile(model, dynamic=False)
         if self.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -320,6 +322,7 @@ def setup_engine(device: str = "auto", precision: str = "auto", seed: int = 0,
     if dev.type == "cpu":
         decisions.append(malloc.configure(keep_freed_memory))
     seed_everything(seed)
+    decisions.append(f"seed={seed} (Python, NumPy and torch generators of this process)")
     engine = Engine(device=dev, precision=prec, rank=rank, local_rank=local_rank,
                     world_size=world_size, decisions=tuple(decisions))
     for line in decisions:

@@ -137,8 +137,7 @@ def run(cfg: Config, engine: Engine) -> dict:
                 scaler.update()  # fp16: halves the scale after an overflow, grows it after 2000 clean steps
                 optimizer.zero_grad(set_to_none=True)
 
-                progress.step, progress.bad_steps = step + 1, (progress.bad_steps + 1
-                                                               if is_bad(loss_value, norm_value, scaler) else 0)
+                progress.step_done(bad=is_bad(loss_value, norm_value, scaler))
                 log.step(step + 1, epoch + 1, loss_value, lr, norm_value, not finite, scale, counts, clock)
                 if progress.bad_steps >= cfg.max_bad_steps:
                     raise too_many_bad_steps(progress.bad_steps, step + 1, out)
