@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import time
 
-import datasets
-
 from sentiment.config import Config
 from sentiment.data import LABEL_NAMES, collator, read_split, take, tokenize
 from sentiment.engine import Engine, setup_engine
@@ -51,6 +49,8 @@ def predict_texts(cfg: Config, texts: list[str]) -> list[tuple[str, float]]:
     quiet_libraries(engine.is_main)
     try:
         model, tokenizer, collate = load_for_inference(cfg, engine)
+        import datasets  # here, not at the top: the CLI decides hub-offline before datasets is imported
+
         split = tokenize(datasets.Dataset.from_dict({"text": texts, "label": [0] * len(texts)}),
                          tokenizer, cfg.max_length, cfg.truncation)
         probs, _ = predict_probs(model, split, engine, cfg.eval_batch_size, collate, desc="predict")

@@ -145,6 +145,27 @@ PRESETS: dict[str, dict] = {
 
 
 @functools.cache
+def field_docs() -> dict[str, tuple[str, str]]:
+    """{field: (group, help)} from Config's source: the `# group` line above each block of fields and the
+    comment after each field. The one source of every flag's meaning, for `--help` and the README's table."""
+    import inspect
+    import io
+    import tokenize
+
+    docs, group, pending = {}, "", None
+    for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(Config)).readline):
+        if tok.type == tokenize.COMMENT and tok.line.strip().startswith("#"):
+            group = tok.string.lstrip("# ").strip()  # a whole-line comment opens a group
+        elif tok.type == tokenize.NAME and tok.start[1] == 4 and pending is None and tok.string in _field_types():
+            pending = tok.string  # a field's name at the class body's indentation
+        elif tok.type == tokenize.COMMENT and pending:
+            docs[pending], pending = (group, tok.string.lstrip("# ").strip()), None
+        elif tok.type == tokenize.NEWLINE:
+            pending = None
+    return docs
+
+
+@functools.cache
 def _field_types() -> dict[str, type]:
     hints = typing.get_type_hints(Config)
     return {f.name: hints[f.name] for f in fields(Config)}
