@@ -107,17 +107,22 @@ def checkpoint_paths(folder: Path) -> list[Path]:
 
 
 def save_checkpoint(output_dir: Path, state: dict, keep_last: int) -> Path:
-    """Write `state` as step_NNNNNNN.pt, then prune all but the last `keep_last` and the best one
-    (`state["best_step"]`). Call on rank 0 only."""
+    """Write `state` as step_NNNNNNN.pt, then prune all but the last `keep_last` (at least 1, for resume) and
+    the best one (`state["best_step"]`). Call on rank 0 only."""
     path = checkpoint_path(output_dir, state["step"])
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: torch.save(state, f))
     saved = checkpoint_paths(path.parent)  # newest first, the one just written included
-    keep = saved[:keep_last] + [checkpoint_path(output_dir, state["best_step"])]
+    keep = saved[:max(1, keep_last)] + [checkpoint_path(output_dir, state["best_step"])]  # resume needs 1
     for old in saved:
         if old not in keep:
             old.unlink()
     return path
+
+
+def remove_checkpoints(output_dir: Path) -> None:
+    """Delete a finished run's checkpoints folder (keep_last 0); the model and results stay."""
+    shutil.rmtree(output_dir / CHECKPOINT_DIR, ignore_errors=True)
 
 
 def checkpoint_path(output_dir: Path, step: int) -> Path:
@@ -182,6 +187,7 @@ class Progress:
     best_accuracy: float = -1.0  # best validation accuracy so far
     best_step: int = 0  # the step of the checkpoint holding it; 0 = none yet
     bad_steps: int = 0  # consecutive non-finite steps
+    evals_since_best: int = 0  # evaluations in a row without a better validation accuracy (early stopping)
 
     def step_done(self, bad: bool) -> None:
         """One more optimizer step; `bad` (non-finite) steps in a row are counted, a good one resets them."""
@@ -191,9 +197,14 @@ class Progress:
     def new_best(self, accuracy: float) -> bool:
         """Record a validation accuracy at the current step; True if it is the best so far."""
         if accuracy <= self.best_accuracy:
+            self.evals_since_best += 1
             return False
-        self.best_accuracy, self.best_step = accuracy, self.step
+        self.best_accuracy, self.best_step, self.evals_since_best = accuracy, self.step, 0
         return True
+
+    def out_of_patience(self, patience: int) -> bool:
+        """Early stopping: `patience` evaluations in a row brought no better validation accuracy (0 = never)."""
+        return 0 < patience <= self.evals_since_best
 
 
 def build_state(model, optimizer, scaler, progress: Progress, run: dict, engine) -> dict:
@@ -211,7 +222,8 @@ def restore_state(state: dict, model, optimizer, scaler, engine) -> Progress:
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     engine.restore_rng_states(state["rng"])
-    return Progress(state["step"], state["best_accuracy"], state.get("best_step", 0), state["bad_steps"])
+    return Progress(state["step"], state["best_accuracy"], state.get("best_step", 0), state["bad_steps"],
+                    state.get("evals_since_best", 0))
 
 
 def fingerprint(tokenizer, train, val) -> dict[str, str]:

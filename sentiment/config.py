@@ -49,6 +49,7 @@ class Config:
 
     # optimization
     epochs: int = 3  # passes over the training set
+    max_steps: int = 0  # optimizer steps to run instead, if > 0 (the schedule follows it, as in the Trainer)
     micro_batch_size: int = 8  # reviews per forward/backward on each process
     grad_accum_steps: int = 1  # micro-batches per optimizer step; global batch = micro x accum x world size
     eval_batch_size: int = 32  # reviews per forward in evaluation
@@ -60,6 +61,7 @@ class Config:
     warmup_ratio: float = 0.0  # share of optimizer steps with linear warmup from 0 (then linear decay to 0)
     max_grad_norm: float = 1.0  # clip the global gradient L2 norm to this; 0 = no clipping
     seed: int = 42  # subset selection, shuffling, head init and dropout
+    early_stopping_patience: int = 0  # stop after this many evaluations without a better val accuracy; 0 = off
 
     # system
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
@@ -70,8 +72,9 @@ class Config:
     output_dir: str = "runs/latest"  # where config, metrics, checkpoints and the model go
     overwrite: bool = False  # replace the run in output_dir (only its own files, only in a folder marked as a run)
     log_every: int = 10  # print a log line every N optimizer steps (metrics.jsonl gets every step); 0 = never
-    save_every: int = 0  # checkpoint every N optimizer steps, besides every epoch end; 0 = epoch ends only
-    keep_last: int = 1  # checkpoints kept besides the best one (each ~3x the model's size: weights + Adam)
+    eval_every: int = 0  # evaluate (and checkpoint) every N optimizer steps, besides every epoch end; 0 = off
+    save_every: int = 0  # checkpoint every N optimizer steps, besides every evaluation; 0 = at evaluations only
+    keep_last: int = 1  # checkpoints kept besides the best (each ~3x the model: weights + Adam); 0 = delete at the end
     resume: str = ""  # "" = fresh run | auto = newest valid checkpoint in output_dir | a checkpoint path
     max_bad_steps: int = 5  # stop after this many consecutive non-finite steps (fp32/bf16)
     report_to: str = "none"  # none | tensorboard (needs the `tensorboard` package)
@@ -85,7 +88,8 @@ class Config:
         if not 0 <= self.seed <= SEED_MAX:
             raise ConfigError(f"seed={self.seed} must be in 0..{SEED_MAX} (numpy's seed range)")
         for name, low in (("n_train", 0), ("n_test", 0), ("num_workers", 0), ("log_every", 0),
-                          ("save_every", 0), ("keep_last", 1)):
+                          ("save_every", 0), ("keep_last", 0), ("max_steps", 0),
+                          ("eval_every", 0), ("early_stopping_patience", 0)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= {low}")
         for name in ("epochs", "micro_batch_size", "grad_accum_steps", "eval_batch_size",
@@ -115,6 +119,9 @@ class Config:
         if self.truncation == "head_tail" and self.max_length < 132:
             raise ConfigError(f"truncation=head_tail keeps 128 head tokens and needs max_length >= 132 "
                               f"(got {self.max_length}); use truncation=head or a larger max_length")
+        if self.early_stopping_patience and self.val_fraction == 0:
+            raise ConfigError("early_stopping_patience watches the validation accuracy: set --val_fraction "
+                              "(e.g. 0.1) or leave early_stopping_patience at 0")
         if not self.output_dir:
             raise ConfigError("output_dir must not be empty")
 

@@ -71,7 +71,7 @@ def run(cfg: Config, engine: Engine) -> dict:
     world, accum = engine.world_size, cfg.grad_accum_steps
     global_batch = cfg.micro_batch_size * accum * world  # samples per optimizer step, however split
     steps_per_epoch = math.ceil(len(splits.train) / global_batch)
-    total_steps = cfg.epochs * steps_per_epoch
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
 
     model = load_model(cfg.model_name_or_path, config=model_config, gradient_checkpointing=cfg.gradient_checkpointing)
@@ -105,6 +105,10 @@ def run(cfg: Config, engine: Engine) -> dict:
         with out_of_memory_is_an_error(cfg.micro_batch_size, cfg.max_length, global_batch), \
                 RunLog(out, cfg, engine, raw_model, total_steps, start_step) as log:
             for step in range(start_step, total_steps):
+                if progress.out_of_patience(cfg.early_stopping_patience):
+                    engine.print(f"early stopping: no better val accuracy in {progress.evals_since_best} evaluations; "
+                                 f"the best was at step {progress.best_step}")
+                    break
                 epoch, batch_in_epoch = divmod(step, steps_per_epoch)
                 if step == start_step or batch_in_epoch == 0:
                     batches = epoch_batches(cfg, engine, dataset, collate, global_batch, epoch, batch_in_epoch)
@@ -142,13 +146,16 @@ def run(cfg: Config, engine: Engine) -> dict:
                 if progress.bad_steps >= cfg.max_bad_steps:
                     raise too_many_bad_steps(progress.bad_steps, step + 1, out)
 
-                epoch_end = batch_in_epoch == steps_per_epoch - 1
-                if epoch_end:  # evaluate on the validation split if there is one, else on test (as the tutorial)
+                # evaluate at epoch ends, every eval_every steps and after the last step: on the validation split
+                # if there is one, else on test (as the tutorial does); every evaluation is checkpointed
+                evaluate_now = (batch_in_epoch == steps_per_epoch - 1 or step + 1 == total_steps
+                                or (cfg.eval_every and (step + 1) % cfg.eval_every == 0))
+                if evaluate_now:
                     last_eval = evaluate(model, eval_split, engine, cfg.eval_batch_size, collate, desc=eval_name)
                     is_best = has_val and progress.new_best(last_eval[0]["accuracy"])
                     log.eval(step + 1, epoch + 1, eval_name, last_eval[0], is_best)
                 stop_now = engine.any_rank(stop.requested)  # all ranks stop together, or the others would hang
-                if epoch_end or stop_now or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+                if evaluate_now or stop_now or (cfg.save_every and (step + 1) % cfg.save_every == 0):
                     state = ckpt.build_state(raw_model, optimizer, scaler, progress, identity, engine)
                     if engine.is_main:
                         ckpt.save_checkpoint(out, state, cfg.keep_last)
@@ -182,9 +189,9 @@ def print_header(cfg: Config, engine: Engine, env: dict, splits: Splits, n_param
     engine.print("config: " + " ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
     engine.print(f"data: train {len(splits.train)} | val {len(splits.val) if splits.val else 0} | "
                  f"test {len(splits.test)} reviews | model {n_params / 1e6:.1f}M parameters")
+    steps = f"max_steps {cfg.max_steps}" if cfg.max_steps else f"x {cfg.epochs} epochs = {cfg.epochs * steps_per_epoch}"
     engine.print(f"batch: global {global_batch} = micro {cfg.micro_batch_size} x accum {cfg.grad_accum_steps} x "
-                 f"world {engine.world_size} | {steps_per_epoch} steps/epoch x {cfg.epochs} epochs = "
-                 f"{cfg.epochs * steps_per_epoch} steps | warmup {warmup_steps} steps"
+                 f"world {engine.world_size} | {steps_per_epoch} steps/epoch {steps} steps | warmup {warmup_steps} steps"
                  + (f" | resuming at step {resumed_at}" if resumed_at is not None else ""))
 
 
@@ -212,7 +219,9 @@ def finish(cfg: Config, engine: Engine, model, tokenizer, splits: Splits, progre
         ckpt.save_model(raw_model, tokenizer, out / "model")
         # report.md: metrics, engine decisions, figures (if matplotlib), the most confidently wrong test reviews
         write_report(out, misclassified(splits.test.texts, splits.test.labels, test_probs), results)
-        ckpt.write_json(out / "results.json", results)  # last: its presence marks the run finished
+        ckpt.write_json(out / "results.json", results)  # its presence marks the run finished
+        if cfg.keep_last == 0:  # the run is final: what resume needed (optimizer state included) can go
+            ckpt.remove_checkpoints(out)
     engine.barrier()
     engine.print(f"test | accuracy {test_metrics['accuracy']:.4f} | f1 {test_metrics['f1']:.4f} | "
                  f"loss {test_metrics['loss']:.4f} | {log.samples_per_second or 0:.1f} train ex/s | "
