@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sentiment.engine import keep_freed_memory, setup_engine
+from sentiment.engine import setup_engine
+from sentiment.malloc import keep_freed_memory
 
 REPO = Path(__file__).resolve().parents[1]
 
