@@ -150,6 +150,20 @@ def make_timer_callback(counter: CountingCollator):
     return StepTimer()
 
 
+def tokenize_splits(args, tokenizer, raw: dict) -> dict:
+    """{split: tokenized Dataset} of n_train/n_test reviews drawn with the seed, padded as --padding says."""
+
+    def tokenize_function(examples):
+        if args.padding == "max_length":
+            return tokenizer(examples["text"], padding="max_length", truncation=True, max_length=args.max_length)
+        return tokenizer(examples["text"], truncation=True, max_length=args.max_length)
+
+    sizes = {"train": args.n_train, "test": args.n_test}
+    if args.tokenize_all:  # the tutorial: dataset.map(tokenize_function, batched=True), then select
+        return {k: take(v.map(tokenize_function, batched=True), sizes[k], args.seed) for k, v in raw.items()}
+    return {k: take(v, sizes[k], args.seed).map(tokenize_function, batched=True) for k, v in raw.items()}
+
+
 def accuracy(eval_pred) -> dict:
     logits, labels = eval_pred
     return {"accuracy": float(np.mean(np.argmax(logits, axis=-1) == labels))}
@@ -174,18 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model_name = args.predict or args.model
     tokenizer = AutoTokenizer.from_pretrained(model_name)
-    raw = load_raw(args, ("test",) if args.predict else ("train", "test"))
-
-    def tokenize_function(examples):
-        if args.padding == "max_length":
-            return tokenizer(examples["text"], padding="max_length", truncation=True, max_length=args.max_length)
-        return tokenizer(examples["text"], truncation=True, max_length=args.max_length)
-
-    sizes = {"train": args.n_train, "test": args.n_test}
-    if args.tokenize_all:  # the tutorial: dataset.map(tokenize_function, batched=True), then select
-        tokenized = {k: take(v.map(tokenize_function, batched=True), sizes[k], args.seed) for k, v in raw.items()}
-    else:
-        tokenized = {k: take(v, sizes[k], args.seed).map(tokenize_function, batched=True) for k, v in raw.items()}
+    tokenized = tokenize_splits(args, tokenizer, load_raw(args, ("test",) if args.predict else ("train", "test")))
 
     model = AutoModelForSequenceClassification.from_pretrained(model_name, num_labels=2)
     counter = CountingCollator(default_data_collator if args.padding == "max_length" else

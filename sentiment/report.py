@@ -11,12 +11,16 @@ import html
 import importlib.util
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sentiment.checkpoint import atomic_write
 from sentiment.data import LABEL_NAMES
 from sentiment.errors import ConfigError
+
+if TYPE_CHECKING:  # matplotlib is optional: imported when a figure is drawn
+    from matplotlib.figure import Figure
 
 PLOTS_DIR = "plots"
 FIGURES = {  # file name: what it shows, in the order report.md embeds them
@@ -55,9 +59,6 @@ def plot_run(run_dir: str | Path, results: dict | None = None) -> list[Path]:
     data the run has not produced yet (no eval, no results.json) are skipped."""
     if importlib.util.find_spec("matplotlib") is None:
         raise ConfigError("plots need matplotlib: pip install matplotlib (or pip install -e \".[extras]\")")
-    # the object-oriented API renders with Agg and touches no global pyplot state or backend
-    from matplotlib.figure import Figure
-
     train_rows, eval_rows, on_disk, config = read_run(run_dir)
     results = results or on_disk  # given while a run finishes: results.json is written after the report
     if not train_rows:
@@ -65,16 +66,36 @@ def plot_run(run_dir: str | Path, results: dict | None = None) -> list[Path]:
     out = Path(run_dir) / PLOTS_DIR
     out.mkdir(exist_ok=True)
     steps = np.array([r["step"] for r in train_rows])
-    eval_name = eval_rows[0]["split"] if eval_rows else "val"
+    has_cm = bool(results and results.get("confusion_matrix"))
+    figures = {  # in FIGURES order; None where the run has no data for it yet
+        "loss.png": _loss_figure(steps, train_rows, eval_rows),
+        "accuracy.png": _accuracy_figure(eval_rows, results) if eval_rows else None,
+        "lr.png": _lr_figure(steps, train_rows),
+        "grad_norm.png": _grad_norm_figure(steps, train_rows, config.get("max_grad_norm", 0)),
+        "throughput.png": _throughput_figure(steps, train_rows),
+        "confusion_matrix.png": _confusion_figure(results) if has_cm else None,
+    }
     written = []
+    for name, fig in figures.items():
+        if fig is not None:
+            fig.tight_layout()
+            fig.savefig(out / name, dpi=110)
+            written.append(out / name)
+    return written
 
-    def save(fig, name: str) -> None:
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        written.append(out / name)
 
-    # loss: raw per-step loss is noisy at small batches, so draw a moving average over it
-    fig = Figure(figsize=(7, 4))
+def _figure(width: float, height: float) -> Figure:
+    """A new matplotlib Figure of this size in inches."""
+    # the object-oriented API renders with Agg and touches no global pyplot state or backend
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height))
+
+
+def _loss_figure(steps: np.ndarray, train_rows: list[dict], eval_rows: list[dict]) -> Figure:
+    """Training loss per step with a moving average over it (raw per-step loss is noisy at small batches),
+    and the evaluation loss at the end of each epoch."""
+    fig = _figure(7, 4)
     ax = fig.add_subplot()
     loss = np.array([r["loss"] for r in train_rows], dtype=float)
     ax.plot(steps, loss, color="tab:blue", alpha=0.35 if len(loss) >= 40 else 1.0, lw=1, label="train (per step)")
@@ -84,51 +105,59 @@ def plot_run(run_dir: str | Path, results: dict | None = None) -> list[Path]:
         ax.plot(steps[window - 1:], smooth, color="tab:blue", lw=2, label=f"train ({window}-step mean)")
     if eval_rows:
         ax.plot([r["step"] for r in eval_rows], [r["loss"] for r in eval_rows], "o-", color="tab:orange",
-                label=f"{eval_name} (end of epoch)")
+                label=f"{eval_rows[0]['split']} (end of epoch)")
     ax.set(xlabel="optimizer step", ylabel="cross-entropy loss", title="Loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    save(fig, "loss.png")
+    return fig
 
-    if eval_rows:
-        fig = Figure(figsize=(7, 4))
-        ax = fig.add_subplot()
-        es = [r["step"] for r in eval_rows]
-        ax.plot(es, [r["accuracy"] for r in eval_rows], "o-", label=f"{eval_name} accuracy")
-        ax.plot(es, [r["f1"] for r in eval_rows], "s--", label=f"{eval_name} F1 (pos)")
-        if results:
-            ax.axhline(results["accuracy"], color="gray", ls=":", label=f"test accuracy {results['accuracy']:.3f}")
-        for r in eval_rows:
-            ax.annotate(f"{r['accuracy']:.3f}", (r["step"], r["accuracy"]), textcoords="offset points",
-                        xytext=(0, 6), ha="center", fontsize=8)
-        ax.set(xlabel="optimizer step", ylabel="score", title="Evaluation after each epoch",
-               ylim=(min(0.4, *(r["accuracy"] for r in eval_rows)) - 0.05, 1.02))
-        ax.grid(alpha=0.3)
-        ax.legend(loc="best")
-        save(fig, "accuracy.png")
 
-    fig = Figure(figsize=(7, 3.5))
+def _accuracy_figure(eval_rows: list[dict], results: dict | None) -> Figure:
+    """Evaluation accuracy and F1 after each epoch, and the final test accuracy once there is one."""
+    eval_name = eval_rows[0]["split"]
+    fig = _figure(7, 4)
+    ax = fig.add_subplot()
+    es = [r["step"] for r in eval_rows]
+    ax.plot(es, [r["accuracy"] for r in eval_rows], "o-", label=f"{eval_name} accuracy")
+    ax.plot(es, [r["f1"] for r in eval_rows], "s--", label=f"{eval_name} F1 (pos)")
+    if results:
+        ax.axhline(results["accuracy"], color="gray", ls=":", label=f"test accuracy {results['accuracy']:.3f}")
+    for r in eval_rows:
+        ax.annotate(f"{r['accuracy']:.3f}", (r["step"], r["accuracy"]), textcoords="offset points",
+                    xytext=(0, 6), ha="center", fontsize=8)
+    ax.set(xlabel="optimizer step", ylabel="score", title="Evaluation after each epoch",
+           ylim=(min(0.4, *(r["accuracy"] for r in eval_rows)) - 0.05, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    return fig
+
+
+def _lr_figure(steps: np.ndarray, train_rows: list[dict]) -> Figure:
+    fig = _figure(7, 3.5)
     ax = fig.add_subplot()
     ax.plot(steps, [r["lr"] for r in train_rows], color="tab:green")
     ax.set(xlabel="optimizer step", ylabel="learning rate", title="Learning rate (linear warmup, linear decay)")
     ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     ax.grid(alpha=0.3)
-    save(fig, "lr.png")
+    return fig
 
+
+def _grad_norm_figure(steps: np.ndarray, train_rows: list[dict], max_norm: float) -> Figure:
+    """The norm per step, clipped steps marked; below it the fp16 loss scale when the run had one."""
     has_scale = any("scale" in r for r in train_rows)
-    fig = Figure(figsize=(7, 6 if has_scale else 4))
+    fig = _figure(7, 6 if has_scale else 4)
     ax = fig.add_subplot(211 if has_scale else 111)
     norm = np.array([r["grad_norm"] for r in train_rows], dtype=float)
     ax.plot(steps, norm, color="tab:purple", lw=1, label="gradient L2 norm (before clipping)")
     clipped = np.array([r.get("clipped", False) for r in train_rows])
     if clipped.any():
         ax.scatter(steps[clipped], norm[clipped], color="tab:red", s=12, zorder=3, label="clipped")
-    max_norm = config.get("max_grad_norm", 0)
     if max_norm:
         ax.axhline(max_norm, color="tab:red", ls="--", lw=1, label=f"max_grad_norm {max_norm:g}")
     if np.all(norm[np.isfinite(norm)] > 0):
         ax.set_yscale("log")
-    ax.set(xlabel="optimizer step", ylabel="norm", title=f"Gradient norm ({clipped.sum()} of {len(norm)} steps clipped)")
+    ax.set(xlabel="optimizer step", ylabel="norm",
+           title=f"Gradient norm ({clipped.sum()} of {len(norm)} steps clipped)")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     if has_scale:
@@ -137,9 +166,12 @@ def plot_run(run_dir: str | Path, results: dict | None = None) -> list[Path]:
                  color="tab:brown")
         ax2.set(xlabel="optimizer step", ylabel="scale", yscale="log", title="fp16 GradScaler loss scale")
         ax2.grid(alpha=0.3, which="both")
-    save(fig, "grad_norm.png")
+    return fig
 
-    fig = Figure(figsize=(7, 6))
+
+def _throughput_figure(steps: np.ndarray, train_rows: list[dict]) -> Figure:
+    """Samples/s and real tokens/s on twin axes; below it each step's milliseconds by phase."""
+    fig = _figure(7, 6)
     ax = fig.add_subplot(211)
     ax.plot(steps, [r["samples_per_s"] for r in train_rows], color="tab:blue", lw=1)
     ax.set_ylabel("samples/s", color="tab:blue")
@@ -155,22 +187,23 @@ def plot_run(run_dir: str | Path, results: dict | None = None) -> list[Path]:
     ax.set(xlabel="optimizer step", ylabel="ms per step", title="Time per step")
     ax.legend(loc="upper right", fontsize=8)
     ax.grid(alpha=0.3)
-    save(fig, "throughput.png")
+    return fig
 
-    if results and results.get("confusion_matrix"):
-        cm = np.array(results["confusion_matrix"])  # [[tn, fp], [fn, tp]]
-        fig = Figure(figsize=(4.2, 3.8))
-        ax = fig.add_subplot()
-        ax.imshow(cm, cmap="Blues")
-        row_share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-        for i in range(2):
-            for j in range(2):
-                ax.text(j, i, f"{cm[i, j]}\n({row_share[i, j]:.0%})", ha="center", va="center",
-                        color="white" if cm[i, j] > cm.max() / 2 else "black")
-        ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=LABEL_NAMES, yticklabels=LABEL_NAMES,
-               xlabel="predicted", ylabel="true", title=f"Test confusion matrix (accuracy {results['accuracy']:.3f})")
-        save(fig, "confusion_matrix.png")
-    return written
+
+def _confusion_figure(results: dict) -> Figure:
+    """The test confusion matrix, each cell with its count and its share of the true class."""
+    cm = np.array(results["confusion_matrix"])  # [[tn, fp], [fn, tp]]
+    fig = _figure(4.2, 3.8)
+    ax = fig.add_subplot()
+    ax.imshow(cm, cmap="Blues")
+    row_share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    for i in range(2):
+        for j in range(2):
+            ax.text(j, i, f"{cm[i, j]}\n({row_share[i, j]:.0%})", ha="center", va="center",
+                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=LABEL_NAMES, yticklabels=LABEL_NAMES,
+           xlabel="predicted", ylabel="true", title=f"Test confusion matrix (accuracy {results['accuracy']:.3f})")
+    return fig
 
 
 # ----------------------------------------------------------------------------- report.md
@@ -229,7 +262,8 @@ def write_report(run_dir: str | Path, misclassified: list[dict], results: dict |
     lines += ["## Figures", ""]
     if importlib.util.find_spec("matplotlib") is None:
         lines += ["matplotlib is not installed, so no figures were drawn. `pip install matplotlib`, then "
-                  f"`sentiment plot {run}` writes them to `{run / PLOTS_DIR}` and a rerun of training embeds them here.", ""]
+                  f"`sentiment plot {run}` writes them to `{run / PLOTS_DIR}` and a rerun of training embeds them "
+                  "here.", ""]
     else:
         for path in plot_run(run, results):
             lines += [f"![{FIGURES.get(path.name, path.stem)}]({PLOTS_DIR}/{path.name})", ""]
