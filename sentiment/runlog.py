@@ -114,13 +114,21 @@ class TimedBatches:
             self.waited += time.perf_counter() - start
 
 
+def hms(seconds: float) -> str:
+    """1:02:03 for an hour and more, else 2:03: the step line's clock."""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
 def format_step(row: dict, total_steps: int) -> str:
     """The fixed-format log line; metrics.jsonl holds the same numbers."""
     line = (f"step {row['step']}/{total_steps} | epoch {row['epoch']} | loss {row['loss']:.4f} | "
             f"lr {row['lr']:.1e} | grad_norm {row['grad_norm']:.3f}{' (clipped)' if row['clipped'] else ''} | "
             f"{row['samples_per_s']:.1f} ex/s | {row['tokens_per_s'] / 1000:.1f}k tok/s | "
             f"pad {row['padded_fraction']:.0%} | {row['step_ms']:.0f} ms "
-            f"(data {row['data_ms']:.0f}, fwd+bwd {row['fwd_bwd_ms']:.0f}, opt {row['opt_ms']:.0f})")
+            f"(data {row['data_ms']:.0f}, fwd+bwd {row['fwd_bwd_ms']:.0f}, opt {row['opt_ms']:.0f}) | "
+            f"{hms(row['elapsed_s'])} elapsed, ETA {hms(row['eta_s'])}")
     if "scale" in row:
         line += f" | scale {row['scale']:.0f}"
     if "mfu" in row:
@@ -150,6 +158,7 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
             self.tensorboard = SummaryWriter(str(self.out / "tensorboard"))
         self.engine.reset_peak_memory()
+        self.started = time.perf_counter()  # the ETA extrapolates from this process's steps, evaluations included
         return self
 
     def __exit__(self, *exc) -> None:
@@ -185,7 +194,8 @@ class RunLog:
                "samples_per_s": samples / step_s, "tokens_per_s": real_tokens / step_s,
                "data_ms": data_s * 1e3, "fwd_bwd_ms": (clock.sync - clock.start - data_s) * 1e3,
                "opt_ms": (end - clock.sync) * 1e3, "step_ms": step_s * 1e3,
-               "peak_mem_mb": self.engine.peak_memory_mb()}
+               "peak_mem_mb": self.engine.peak_memory_mb(), "elapsed_s": end - self.started,
+               "eta_s": (end - self.started) / (step - self.start_step) * (self.total_steps - step)}
         if scale is not None:
             row["scale"] = scale
         if self.peak:
