@@ -26,6 +26,7 @@ import torch
 from sentiment.errors import CheckpointError
 
 CHECKPOINT_DIR = "checkpoints"
+TRAINING_CONFIG = "sentiment_config.json"  # in a saved model folder: the run's config (evaluate/predict read it)
 NAME = re.compile(r"^step_(\d+)\.pt$")
 # what resume needs besides the weights; a file lacking any is not our checkpoint
 REQUIRED = ("model", "optimizer", "scaler", "step", "best_accuracy", "bad_steps", "config", "rng")
@@ -271,8 +272,9 @@ def truncate_metrics(path: Path, step: int) -> None:
     atomic_write(path, lambda f: f.write("".join(keep).encode()))
 
 
-def save_model(model: torch.nn.Module, tokenizer, folder: Path) -> None:
-    """save_pretrained model + tokenizer into a temp folder, then rename: `folder` is whole or absent."""
+def save_model(model: torch.nn.Module, tokenizer, folder: Path, files: dict[str, str] | None = None) -> None:
+    """save_pretrained model + tokenizer, and `files` (name: text, e.g. the model card), into a temp folder, then
+    rename: `folder` is whole or absent."""
     tmp, old = folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.old")
     for leftover in (tmp, old):  # from a run killed in here: only ever our own temp folders
         if leftover.exists():
@@ -280,6 +282,8 @@ def save_model(model: torch.nn.Module, tokenizer, folder: Path) -> None:
     with disk_full_is_an_error(folder.parent, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
     if folder.exists():
         folder.rename(old)
     tmp.rename(folder)

@@ -17,6 +17,7 @@ from dataclasses import fields
 
 from sentiment.config import PRESETS, Config, build_config
 from sentiment.errors import ConfigError, SentimentError
+from sentiment.runlog import LOG, console
 
 COMMANDS = ("train", "evaluate", "predict", "plot")
 
@@ -74,20 +75,21 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         command, args, cfg = parse(argv)
+        console("stdout" if command == "train" else "stderr")  # predict, evaluate: stdout holds only results
         if cfg is not None:
             from sentiment.hub import offline_if_unreachable
             note = offline_if_unreachable(cfg, command)  # before transformers/datasets are imported
             if note:
-                print(note, flush=True)
+                LOG.info(note)
         if command == "train":
             from sentiment.train import train
             train(cfg)
         elif command == "evaluate":
             from sentiment.commands import evaluate_saved
-            evaluate_saved(cfg)
+            evaluate_saved(cfg, getattr(args, "output", ""))
         elif command == "predict":
-            from sentiment.commands import predict_texts
-            predict_texts(cfg, args.texts)
+            from sentiment.commands import predict_command
+            predict_command(cfg, args.texts, getattr(args, "input", ""), getattr(args, "output", ""))
         elif command == "plot":
             from sentiment.report import plot_run
             for path in plot_run(args.run_dir):

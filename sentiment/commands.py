@@ -1,62 +1,163 @@
-"""`sentiment evaluate` and `sentiment predict`: a saved model on the configured device and precision."""
+"""`sentiment evaluate` and `sentiment predict`: a trained model on the configured device and precision.
+
+Both take a model saved by `sentiment train` (RUN/model, or the run folder RUN itself) and read the
+max_length and truncation it was trained with from the `sentiment_config.json` saved beside it.
+Results go to stdout or a file; what the run says about itself goes to the `sentiment` logger.
+"""
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import io
 import json
+import sys
 import time
+from pathlib import Path
 
+from sentiment import rundir
+from sentiment.checkpoint import TRAINING_CONFIG, atomic_write
 from sentiment.config import Config
-from sentiment.data import LABEL_NAMES, collator, read_split, take, tokenize
+from sentiment.data import LABEL_NAMES, collator, read_file, read_split, take, tokenize
 from sentiment.engine import Engine, setup_engine
-from sentiment.errors import ConfigError
+from sentiment.errors import ConfigError, DataError, ModelError
 from sentiment.evaluate import evaluate, predict_probs
 from sentiment.model import check_max_length, check_tokenizer, load_model, load_model_config, load_tokenizer
-from sentiment.runlog import quiet_libraries
+from sentiment.runlog import LOG, console, quiet_libraries
+
+RECORDED = ("max_length", "truncation")  # how the model saw reviews in training: inference must see them alike
+
+
+def model_folder(name: str) -> str:
+    """A run folder stands for its model/ (`--model_name_or_path runs/x`); anything else is taken as given."""
+    path = Path(name)
+    if not (path / rundir.MARKER).is_file():
+        return name
+    if not (path / "model").is_dir():
+        raise ModelError(f"{name} is a run that has saved no model yet; finish it with `sentiment train ... "
+                         "--resume auto`, or pass another --model_name_or_path")
+    return str(path / "model")
+
+
+def with_recorded_settings(cfg: Config, model_dir: str) -> Config:
+    """cfg with the max_length and truncation recorded with the model, for every field left at its default."""
+    path = Path(model_dir) / TRAINING_CONFIG
+    if not path.is_file():
+        return cfg
+    recorded = json.loads(path.read_text())
+    defaults = Config()
+    changes = {k: recorded[k] for k in RECORDED
+               if k in recorded and getattr(cfg, k) == getattr(defaults, k) != recorded[k]}
+    if changes:
+        LOG.info("settings: " + " ".join(f"{k}={v}" for k, v in changes.items()) + f" (recorded in {path})")
+    return dataclasses.replace(cfg, model_name_or_path=model_dir, **changes)
 
 
 def load_for_inference(cfg: Config, engine: Engine):
-    """(model, tokenizer, collate) for the saved model at cfg.model_name_or_path, ready on the engine's device."""
-    tokenizer = load_tokenizer(cfg.model_name_or_path)
-    config = load_model_config(cfg.model_name_or_path)
-    check_tokenizer(tokenizer, config, cfg.model_name_or_path)
+    """(cfg, model, tokenizer, collate) for the trained model at cfg.model_name_or_path, on the engine's device."""
+    name = model_folder(cfg.model_name_or_path)
+    cfg = with_recorded_settings(cfg, name)
+    tokenizer = load_tokenizer(name)
+    config = load_model_config(name)
+    check_tokenizer(tokenizer, config, name)
     check_max_length(cfg.max_length, config)
-    model = engine.wrap(load_model(cfg.model_name_or_path, config=config), compile=cfg.compile, inference=True)
-    return model, tokenizer, collator(cfg, tokenizer.pad_token_id)
+    model = engine.wrap(load_model(name, config=config, trained_head=True), compile=cfg.compile, inference=True)
+    return cfg, model, tokenizer, collator(cfg, tokenizer.pad_token_id)
 
 
-def evaluate_saved(cfg: Config) -> dict:
-    """`sentiment evaluate`: metrics of the model at cfg.model_name_or_path on the configured test data."""
+def refuse_to_replace(output: str, cfg: Config) -> None:
+    """An existing output file is someone's results: replaced only with --overwrite true."""
+    if output and output != "-" and Path(output).exists() and not cfg.overwrite:
+        raise ConfigError(f"{output} exists; pass another --output, or --overwrite true to replace it")
+
+
+def evaluate_saved(cfg: Config, output: str = "") -> dict:
+    """`sentiment evaluate`: metrics of the trained model on the configured test data, printed as JSON on stdout
+    and written to `output` (a JSON file) if given."""
+    console("stderr", replace=False)
+    refuse_to_replace(output, cfg)
     engine = setup_engine(cfg.device, cfg.precision, cfg.seed, cfg.keep_freed_memory)
     quiet_libraries(engine.is_main)
     try:
-        model, tokenizer, collate = load_for_inference(cfg, engine)
+        cfg, model, tokenizer, collate = load_for_inference(cfg, engine)
         test = tokenize(take(read_split(cfg, "test"), cfg.n_test, cfg.seed, "n_test"), tokenizer,
                         cfg.max_length, cfg.truncation)
         start = time.perf_counter()
         metrics, _ = evaluate(model, test, engine, cfg.eval_batch_size, collate, desc="test")
         metrics["reviews_per_second"] = len(test) / (time.perf_counter() - start)
-        engine.print(json.dumps(metrics, indent=2))
+        if engine.is_main:
+            text = json.dumps(metrics, indent=2) + "\n"
+            sys.stdout.write(text)
+            if output:
+                atomic_write(Path(output), lambda f: f.write(text.encode()))
+                LOG.info(f"metrics written to {output}")
         return metrics
     finally:
         engine.close()
 
 
-def predict_texts(cfg: Config, texts: list[str]) -> list[tuple[str, float]]:
-    """`sentiment predict`: (label, probability of that label) for each text, printed one per line."""
-    if any(not t.strip() for t in texts):
-        raise ConfigError("predict got an empty text; pass non-empty review texts in quotes")
+def predict(cfg: Config, texts: list[str]) -> list[dict]:
+    """{"label", "prob_neg", "prob_pos"} for each text, in order: the Python API of `sentiment predict`."""
+    if not texts:
+        raise DataError("predict got no texts; pass review texts, or --input FILE with a `text` column")
+    empty = next((i for i, t in enumerate(texts) if not t.strip()), None)
+    if empty is not None:
+        raise DataError(f"text {empty + 1} of {len(texts)} is empty; remove it or give it a review")
+    console("stderr", replace=False)
     engine = setup_engine(cfg.device, cfg.precision, cfg.seed, cfg.keep_freed_memory)
     quiet_libraries(engine.is_main)
     try:
-        model, tokenizer, collate = load_for_inference(cfg, engine)
         import datasets  # here, not at the top: the CLI decides hub-offline before datasets is imported
 
+        cfg, model, tokenizer, collate = load_for_inference(cfg, engine)
         split = tokenize(datasets.Dataset.from_dict({"text": texts, "label": [0] * len(texts)}),
                          tokenizer, cfg.max_length, cfg.truncation)
         probs, _ = predict_probs(model, split, engine, cfg.eval_batch_size, collate, desc="predict")
-        out = [(LABEL_NAMES[int(p.argmax())], float(p.max())) for p in probs]
-        for (label, prob), text in zip(out, texts):
-            engine.print(f"{label}\t{prob:.4f}\t{text[:80]}")
-        return out
+        return [{"label": LABEL_NAMES[int(p.argmax())], "prob_neg": float(p[0]), "prob_pos": float(p[1])}
+                for p in probs]
     finally:
         engine.close()
+
+
+def read_texts(source: str) -> list[str]:
+    """Review texts from `-` (stdin, one per line), a .txt file (one per line), or a parquet/CSV/JSONL file
+    with a `text` column."""
+    if source == "-" or source.endswith(".txt"):
+        try:
+            lines = (sys.stdin.read() if source == "-" else Path(source).read_text()).splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"cannot read {source} ({e}); pass a UTF-8 text file, one review per line") from None
+        return [line for line in lines if line.strip()]
+    ds = read_file(source)
+    if "text" not in ds.column_names:
+        raise DataError(f"{source} has no `text` column (columns: {', '.join(ds.column_names)}); rename the "
+                        "review column to text")
+    return ["" if t is None else str(t) for t in ds["text"]]  # a missing text is an empty one: refused
+
+
+def format_predictions(rows: list[dict], path: str) -> str:
+    """CSV for a .csv path, else JSON lines; a row per review, in input order."""
+    if path.endswith(".csv"):
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=["label", "prob_neg", "prob_pos"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return buffer.getvalue()
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+def predict_command(cfg: Config, texts: list[str], input: str = "", output: str = "") -> list[dict]:
+    """`sentiment predict`: texts from the arguments or --input; a TSV line per review on stdout (label,
+    probability of that label, the text's start), or --output FILE (.jsonl or .csv)."""
+    if bool(texts) == bool(input):
+        raise ConfigError("predict takes review texts as arguments or --input FILE (- for stdin), not both or neither")
+    refuse_to_replace(output, cfg)
+    texts = texts or read_texts(input)
+    rows = predict(cfg, texts)
+    if output:
+        atomic_write(Path(output), lambda f: f.write(format_predictions(rows, output).encode()))
+        LOG.info(f"{len(rows)} predictions written to {output}")
+    else:
+        for row, text in zip(rows, texts):
+            sys.stdout.write(f"{row['label']}\t{max(row['prob_neg'], row['prob_pos']):.4f}\t{text[:80]}\n")
+    return rows

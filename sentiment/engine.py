@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
 import random
 import resource
@@ -22,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from sentiment import malloc
 from sentiment.errors import ConfigError
 
+LOG = logging.getLogger("sentiment")
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -46,10 +48,10 @@ class Engine:
     def amp_dtype(self) -> torch.dtype | None:
         return AMP_DTYPES[self.precision]
 
-    def print(self, *args, **kwargs) -> None:
-        """print() on rank 0 only, flushed so logs interleave correctly under torchrun and SLURM."""
+    def print(self, *args) -> None:
+        """A line to the `sentiment` logger on rank 0 only (rank 0 speaks for the job); see runlog.console."""
         if self.is_main:
-            print(*args, **kwargs, flush=True)
+            LOG.info(" ".join(str(a) for a in args))
 
     def autocast(self):
         """Mixed-precision context for forward passes; a no-op under fp32."""

@@ -70,10 +70,12 @@ def load_model_config(name: str, dropout: float = -1.0):
     return config
 
 
-def load_model(name: str, dropout: float = -1.0, gradient_checkpointing: bool = False, config=None):
+def load_model(name: str, dropout: float = -1.0, gradient_checkpointing: bool = False, config=None,
+               trained_head: bool = False):
     """A sequence classifier on SDPA attention (fused kernels), built from `config` (if None, from
     load_model_config(name, dropout)). The classification head is new (randomly initialised from the current torch seed) when the
-    checkpoint is a plain encoder such as bert-base-uncased."""
+    checkpoint is a plain encoder such as bert-base-uncased; trained_head=True (evaluate, predict) refuses that:
+    an untrained head would score reviews at random."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -81,11 +83,16 @@ def load_model(name: str, dropout: float = -1.0, gradient_checkpointing: bool = 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "some weights were newly initialized": expected, the head is new
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(name, config=config, attn_implementation="sdpa")
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            name, config=config, attn_implementation="sdpa", output_loading_info=True)
     except Exception as e:  # noqa: BLE001
         raise _load_error(name, "model", e) from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    new = sorted(info.get("missing_keys") or ())
+    if trained_head and new:
+        raise ModelError(f"{name} has no trained classification head ({', '.join(new)} would start random); pass "
+                         "a model saved by `sentiment train` (RUN/model, or the run folder RUN)")
     if gradient_checkpointing:
         # non-reentrant checkpointing works with DDP and with inputs that need no grad
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -8,6 +8,7 @@ other than 0 everything but errors (rank 0 speaks for the job).
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -20,6 +21,41 @@ from sentiment.config import Config
 from sentiment.engine import Engine
 from sentiment.errors import ConfigError
 from sentiment.model import count_params
+
+LOG = logging.getLogger("sentiment")  # every line a run prints; a notebook quiets it with LOG.setLevel(WARNING)
+
+
+class Console(logging.Handler):
+    """The `sentiment` logger's lines, unadorned, on sys.stdout or sys.stderr as they are at each line (notebooks
+    and test capture swap them), through tqdm.write so an active progress bar is redrawn below, not torn."""
+
+    def __init__(self, stream_name: str = "stdout") -> None:
+        super().__init__(logging.INFO)
+        self.stream_name = stream_name
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=getattr(sys, self.stream_name))
+            getattr(sys, self.stream_name).flush()  # SLURM and nohup logs interleave correctly
+        except Exception:  # noqa: BLE001 - logging's contract: never raise from a handler
+            self.handleError(record)
+
+
+def console(stream_name: str = "stdout", replace: bool = True) -> None:
+    """Send the `sentiment` logger's lines to stdout or stderr. The CLI calls it for every command (predict and
+    evaluate: stderr, so stdout holds only results); train/evaluate/predict called from Python call it with
+    replace=False, which adds the console only where nobody configured logging (then quiet it with
+    logging.getLogger("sentiment").setLevel(logging.WARNING))."""
+    if not replace and LOG.handlers:
+        return
+    for handler in list(LOG.handlers):
+        if isinstance(handler, Console):
+            LOG.removeHandler(handler)
+    LOG.addHandler(Console(stream_name))
+    if LOG.level == logging.NOTSET:
+        LOG.setLevel(logging.INFO)
+    LOG.propagate = False
+
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s, no sparsity) for the MFU figure; matched by substring of the
 # GPU's name. Sources: NVIDIA data sheets (H100 SXM5, H200, A100, L4, ...). CPUs have no entry: no MFU.
@@ -207,13 +243,13 @@ class RunLog:
         self.bar.update(1)
         every = self.cfg.log_every
         if self.engine.is_main and ((every and (step % every == 0 or step == self.start_step + 1)) or skipped):
-            self.bar.write(format_step(row, self.total_steps))
+            LOG.info(format_step(row, self.total_steps))
         return row
 
     def eval(self, step: int, epoch: int, split: str, metrics: dict, is_best: bool) -> None:
         self.write({"step": step, "epoch": epoch, "split": split, **metrics})
         if self.engine.is_main:
-            self.bar.write(f"eval epoch {epoch} | {split} | loss {metrics['loss']:.4f} | accuracy "
+            LOG.info(f"eval epoch {epoch} | {split} | loss {metrics['loss']:.4f} | accuracy "
                            f"{metrics['accuracy']:.4f} | f1 {metrics['f1']:.4f}" + (" | best so far" if is_best else ""))
 
     @property

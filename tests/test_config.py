@@ -173,7 +173,7 @@ INVALID = [
     ("val_fraction", 1.0), ("val_fraction", -0.1), ("warmup_ratio", 1.5), ("adam_beta1", 1.0),
     ("adam_beta2", -0.5), ("dropout", 1.0), ("dropout", -0.5), ("truncation", "middle"),
     ("padding", "longest"), ("precision", "fp8"), ("device", "gpu"), ("device", "cuda:x"), ("report_to", "wandb"),
-    ("num_workers", -1), ("log_every", -1), ("save_every", -1), ("keep_last", 0), ("seed", -1),
+    ("num_workers", -1), ("log_every", -1), ("save_every", -1), ("keep_last", -1), ("max_steps", -1), ("eval_every", -1), ("seed", -1),
     ("max_bad_steps", 0), ("output_dir", ""),
     # non-finite floats: inf/nan slip past `x < 0` checks and poison the run later
     ("lr", float("inf")), ("weight_decay", float("nan")), ("max_grad_norm", float("nan")), ("adam_eps", float("inf")),

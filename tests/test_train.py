@@ -133,8 +133,7 @@ def test_evaluate_command_reproduces_the_test_accuracy(trained, capsys):
     code = main(["evaluate", "--model_name_or_path", str(out / "model"), "--data_dir", cfg.data_dir,
                  "--n_test", "0", "--max_length", "64", "--device", "cpu", "--precision", "fp32"])
     assert code == 0
-    printed = capsys.readouterr().out
-    metrics = json.loads(printed[printed.index("{"):printed.rindex("}") + 1])
+    metrics = json.loads(capsys.readouterr().out)  # stdout holds the metrics and nothing else
     assert metrics["accuracy"] == pytest.approx(results["accuracy"])
     assert metrics["loss"] == pytest.approx(results["loss"], abs=1e-5)
     assert metrics["confusion_matrix"] == results["confusion_matrix"]
@@ -145,9 +144,9 @@ def test_evaluate_in_bf16_agrees_with_fp32(trained, capsys):
     code = main(["evaluate", "--model_name_or_path", str(out / "model"), "--data_dir", cfg.data_dir,
                  "--n_test", "0", "--max_length", "64", "--device", "cpu", "--precision", "bf16"])
     assert code == 0
-    printed = capsys.readouterr().out
-    assert "weights=bf16" in printed
-    metrics = json.loads(printed[printed.index("{"):printed.rindex("}") + 1])
+    captured = capsys.readouterr()
+    assert "engine: weights=bf16" in captured.err  # diagnostics on stderr
+    metrics = json.loads(captured.out)
     assert abs(metrics["accuracy"] - results["accuracy"]) <= 1 / 48 + 1e-9  # a near-tie may flip, no more
     assert metrics["loss"] == pytest.approx(results["loss"], abs=0.02)
 
@@ -157,7 +156,7 @@ def test_predict_command(trained, capsys):
     code = main(["predict", "great excellent wonderful movie", "awful boring terrible film", "--model_name_or_path",
                  str(out / "model"), "--device", "cpu", "--precision", "fp32", "--max_length", "64"])
     assert code == 0
-    lines = [line.split("\t") for line in capsys.readouterr().out.splitlines() if "\t" in line]
+    lines = [line.split("\t") for line in capsys.readouterr().out.splitlines()]  # only results on stdout
     assert [(label, text) for label, _, text in lines] == [("pos", "great excellent wonderful movie"),
                                                            ("neg", "awful boring terrible film")]
     assert all(0.5 <= float(prob) <= 1.0 for _, prob, _ in lines)
@@ -172,8 +171,8 @@ def test_one_max_length_rule_for_every_command(trained, tiny_dirs, tmp_path, com
              "evaluate": ["--data_dir", str(data_dir)], "predict": ["a fine film"]}[command]
     code = main([command, *extra, "--model_name_or_path", model, "--device", "cpu", "--max_length", "129"])
     assert code == 2
-    assert capsys.readouterr().err == ("error: max_length=129 exceeds the model's 128 positions; "
-                                       "use --max_length 128 or less\n")
+    assert capsys.readouterr().err.splitlines()[-1] == ("error: max_length=129 exceeds the model's 128 positions; "
+                                                         "use --max_length 128 or less")
     assert not (tmp_path / "run").exists()
 
 
