@@ -12,6 +12,7 @@ import difflib
 import json
 import re
 import sys
+import textwrap
 from dataclasses import fields
 
 from sentiment.config import PRESETS, Config, build_config, field_docs
@@ -36,8 +37,7 @@ TRAIN_ONLY_OPTIONS = ("preset", "config")  # a run's config.json names the base 
 # Same name here as in the Trainer, so no entry: seed, output_dir, warmup_ratio, weight_decay,
 # max_grad_norm, report_to, group_by_length, gradient_checkpointing.
 TRAINER_NAMES: dict[str, str | tuple[str, ...]] = {
-    "learning_rate": "--lr",
-    "num_train_epochs": "--epochs",
+    "learning_rate": "--lr", "num_train_epochs": "--epochs",
     "per_device_train_batch_size": "--micro_batch_size",
     "per_device_eval_batch_size": "--eval_batch_size",
     "gradient_accumulation_steps": "--grad_accum_steps",
@@ -48,10 +48,8 @@ TRAINER_NAMES: dict[str, str | tuple[str, ...]] = {
     "max_steps": ("--max_steps", "there is no step limit: training runs --epochs whole epochs"),
     "warmup_steps": "--warmup_ratio (a share of the optimizer steps, not a count)",
     "lr_scheduler_type": "the schedule is linear warmup (--warmup_ratio) then linear decay to 0, the Trainer's default",
-    "fp16": "--precision fp16",
-    "bf16": "--precision bf16",
-    "use_cpu": "--device cpu",
-    "no_cuda": "--device cpu",
+    "fp16": "--precision fp16", "bf16": "--precision bf16",
+    "use_cpu": "--device cpu", "no_cuda": "--device cpu",
     "resume_from_checkpoint": "--resume auto (or --resume PATH)",
     "adam_epsilon": "--adam_eps",
     "dataloader_num_workers": "--num_workers",
@@ -119,6 +117,12 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see `{self.prog} --help`)")
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):  # raw: keeps the examples' lines
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        """Never break at a hyphen: "bert-base-" / "uncased" would read as another value."""
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 def shown(value: object) -> str:
     """A default as it is typed on the command line: true/false, a quoted string (so "" shows), 5e-05."""
     if isinstance(value, bool):
@@ -137,8 +141,7 @@ def add_field(group, name: str, default: object, text: str) -> None:
 
 def make_parser(command: str) -> argparse.ArgumentParser:
     parser = _Parser(prog=f"sentiment {command}", usage=USAGE[command], description=ABOUT[command],
-                     epilog=EPILOG.format(commands=", ".join(COMMANDS)), allow_abbrev=False,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)  # keeps the examples' lines
+                     epilog=EPILOG.format(commands=", ".join(COMMANDS)), allow_abbrev=False, formatter_class=_Formatter)
     if command == "predict":
         parser.add_argument("texts", nargs="+", help="review texts to classify, each in quotes")
     if command == "plot":
@@ -189,8 +192,7 @@ def flag_names(command: str) -> list[str]:
     return [f"--{n}" for n in COMMAND_FIELDS[command] + (TRAIN_ONLY_OPTIONS if command == "train" else ())]
 
 
-def users(flag: str) -> list[str]:
-    """The commands that take `flag`."""
+def users(flag: str) -> list[str]:  # the commands that take `flag`
     return [c for c in COMMANDS if flag in flag_names(c)]
 
 

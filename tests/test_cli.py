@@ -82,6 +82,12 @@ def test_defaults_are_shown_as_typed():
         assert shown in flat
 
 
+def test_narrow_terminals_never_split_a_value_at_its_hyphen(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    text = cli.make_parser("predict").format_help()
+    assert '"bert-base-uncased"' in text and "max_length-130" in text
+
+
 def test_cli_holds_no_copy_of_the_help_text():
     source = (REPO / "sentiment" / "cli.py").read_text()
     copied = [text for _, text in field_docs().values() if text in source]
