@@ -1,25 +1,115 @@
-"""The `sentiment` command: parse flags, build the config, call.
+"""The `sentiment` command line: one parser per subcommand, built from Config and its comments.
 
-    sentiment train [--preset NAME] [--config FILE.json] [--FIELD VALUE ...]
-    sentiment evaluate --model_name_or_path DIR [--test_file F | --data_dir D] [--FIELD VALUE ...]
-    sentiment predict "review one" "review two" --model_name_or_path DIR
-    sentiment plot OUTPUT_DIR
-
-Every Config field is a flag spelled exactly like the field; `python -m sentiment` is the same.
+Every Config field is a flag spelled exactly like the field. Its --help text is the field's comment
+(config.field_docs()), so --help, the README table and the code cannot drift apart; this module
+holds no copy of it. `python -m sentiment` is the same program.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import json
+import re
 import sys
+import textwrap
 from dataclasses import fields
 
-from sentiment.config import PRESETS, Config, build_config
+from sentiment.config import PRESETS, Config, build_config, field_docs
 from sentiment.errors import ConfigError, SentimentError
 from sentiment.runlog import LOG, console
 
-COMMANDS = ("train", "evaluate", "predict", "plot")
+# The Config fields each command reads (train reads them all); a command lists no flag it ignores, and
+# adding a field to a command is adding its name here.
+EVALUATE_FIELDS = ("model_name_or_path", "dataset", "test_file", "data_dir", "n_test", "max_length", "truncation",
+                   "padding", "eval_batch_size", "device", "precision", "compile", "seed", "keep_freed_memory")
+PREDICT_FIELDS = ("model_name_or_path", "max_length", "truncation", "padding", "eval_batch_size", "device",
+                  "precision", "compile", "keep_freed_memory")
+COMMAND_FIELDS = {"train": tuple(f.name for f in fields(Config)), "evaluate": EVALUATE_FIELDS,
+                  "predict": PREDICT_FIELDS, "plot": ()}
+COMMANDS = tuple(COMMAND_FIELDS)
+DEFAULTS = Config()
+TRAIN_ONLY_OPTIONS = ("preset", "config")  # a run's config.json names the base model, not the trained one
+
+# The Hugging Face Trainer's names, typed from habit: a close match would guess wrong (--learning_rate is not
+# --warmup_ratio). A value starting with `--` is our flag for it; other text explains. A tuple holds
+# alternatives, best first: the first whose --flags all exist is used, so a hint naming a field that is not
+# in Config yet (max_steps, eval_every) falls back to the explanation, and upgrades when the field lands.
+# Same name here as in the Trainer, so no entry: seed, output_dir, warmup_ratio, weight_decay,
+# max_grad_norm, report_to, group_by_length, gradient_checkpointing.
+TRAINER_NAMES: dict[str, str | tuple[str, ...]] = {
+    "learning_rate": "--lr", "num_train_epochs": "--epochs",
+    "per_device_train_batch_size": "--micro_batch_size",
+    "per_device_eval_batch_size": "--eval_batch_size",
+    "gradient_accumulation_steps": "--grad_accum_steps",
+    "logging_steps": "--log_every",
+    "save_total_limit": "--keep_last",
+    "save_steps": "--save_every",
+    "eval_steps": ("--eval_every", "evaluation happens at every epoch end; there is no step interval"),
+    "max_steps": ("--max_steps", "there is no step limit: training runs --epochs whole epochs"),
+    "warmup_steps": "--warmup_ratio (a share of the optimizer steps, not a count)",
+    "lr_scheduler_type": "the schedule is linear warmup (--warmup_ratio) then linear decay to 0, the Trainer's default",
+    "fp16": "--precision fp16", "bf16": "--precision bf16",
+    "use_cpu": "--device cpu", "no_cuda": "--device cpu",
+    "resume_from_checkpoint": "--resume auto (or --resume PATH)",
+    "adam_epsilon": "--adam_eps",
+    "dataloader_num_workers": "--num_workers",
+    "torch_compile": "--compile",
+    "eval_strategy": ("evaluation and a checkpoint happen at every epoch end, besides evaluation every --eval_every "
+                      "and a checkpoint every --save_every steps",
+                      "evaluation and a checkpoint happen at every epoch end, besides a checkpoint every --save_every "
+                      "steps"),
+    "load_best_model_at_end": "with --val_fraction > 0 the best model by validation accuracy is always loaded at the "
+                              "end (and saved); without, the last",
+    "early_stopping_patience": ("--early_stopping_patience", "there is no early stopping: training runs --epochs "
+                                "epochs; with --val_fraction > 0 the best epoch's model is the one kept"),
+    "batch_size": "the global batch is --micro_batch_size x --grad_accum_steps x processes; for evaluation "
+                  "--eval_batch_size",
+}
+TRAINER_NAMES["evaluation_strategy"] = TRAINER_NAMES["save_strategy"] = TRAINER_NAMES["eval_strategy"]
+
+USAGE = {  # argparse would list every flag here; the groups below do that, with their meaning
+    "train": "sentiment train [--preset NAME] [--config FILE.json] [--FLAG VALUE ...]",
+    "evaluate": "sentiment evaluate --model_name_or_path DIR [--data_dir DIR | --test_file FILE] [--FLAG VALUE ...]",
+    "predict": "sentiment predict TEXT [TEXT ...] --model_name_or_path DIR [--FLAG VALUE ...]",
+    "plot": "sentiment plot RUN_DIR",
+}
+ABOUT = {  # what the command does, with two examples: a first-day user reads this before any flag
+    "train": """\
+Fine-tune a BERT-style classifier on IMDb reviews. With no flags it is the Hugging Face Trainer
+tutorial: bert-base-uncased, 1000 train / 500 test reviews, 3 epochs, lr 5e-5.
+
+examples:
+  # a tiny random BERT, offline, in seconds (`python -m sentiment.tiny runs/tiny` writes it)
+  sentiment train --model_name_or_path runs/tiny/model --data_dir runs/tiny/data \\
+      --n_train 0 --n_test 0 --max_length 64 --epochs 10 --lr 3e-3 --output_dir runs/tiny/run
+  # all-MiniLM-L6-v2 (a local folder, see README) on 1000 reviews, 10% held out to pick the best epoch
+  sentiment train --model_name_or_path $MINILM --data_dir runs/imdb_split --val_fraction 0.1 \\
+      --epochs 1 --max_length 256 --output_dir runs/minilm""",
+    "evaluate": """\
+Measure a saved model on the test split: prints loss, accuracy, precision, recall, F1 and the
+confusion matrix as JSON.
+
+examples:
+  sentiment evaluate --model_name_or_path runs/latest/model      # the tutorial's 500 IMDb test reviews
+  sentiment evaluate --model_name_or_path runs/minilm/model --data_dir runs/imdb_split --n_test 0""",
+    "predict": """\
+Classify reviews with a saved model: prints one line per review: label (neg/pos), its probability,
+the text.
+
+examples:
+  sentiment predict --model_name_or_path runs/latest/model "Loved it." "Dreadful."
+  sentiment predict "A slow start, then wonderful." --model_name_or_path runs/minilm/model --device cpu""",
+    "plot": """\
+Draw a run's figures (loss, accuracy, learning rate, throughput, ...) into RUN/plots/.
+
+examples:
+  sentiment plot runs/latest
+  sentiment plot runs/minilm""",
+}
+EPILOG = """\
+README.md (section Config) has every flag in one table, with the presets.
+Commands: {commands}; each has its own --help."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,23 +118,83 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see `{self.prog} --help`)")
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):  # raw: keeps the examples' lines
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        """Never break at a hyphen: "bert-base-" / "uncased" would read as another value."""
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+def shown(value: object) -> str:
+    """A default as it is typed on the command line: true/false, a quoted string (so "" shows), 5e-05."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
+def add_field(group, name: str, default: object, text: str) -> None:
+    """`--name VALUE`: every value arrives as a string and is coerced through the field's type in
+    build_config; a bare boolean flag (`--compile`) means true. argparse %-formats help, hence the escape."""
+    is_bool = isinstance(default, bool)
+    group.add_argument(f"--{name}", default=None, metavar="BOOL" if is_bool else type(default).__name__.upper(),
+                       nargs="?" if is_bool else None, const="true" if is_bool else None,
+                       help=f"{text} (default: {shown(default)})".replace("%", "%%"))
+
+
 def make_parser(command: str) -> argparse.ArgumentParser:
-    parser = _Parser(prog=f"sentiment {command}", allow_abbrev=False,
-                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog=f"sentiment {command}", usage=USAGE[command], description=ABOUT[command],
+                     epilog=EPILOG.format(commands=", ".join(COMMANDS)), allow_abbrev=False, formatter_class=_Formatter)
     if command == "predict":
-        parser.add_argument("texts", nargs="+", help="review texts to classify")
+        parser.add_argument("texts", nargs="+", help="review texts to classify, each in quotes")
     if command == "plot":
-        parser.add_argument("run_dir", help="a finished run's output_dir")
-        return parser
-    parser.add_argument("--preset", default="", help=f"named recipe: {', '.join(PRESETS)}")
-    parser.add_argument("--config", default="", help="JSON file of field: value (a run's config.json works)")
-    for f in fields(Config):
-        # every value arrives as a string and is coerced through the field's type in build_config;
-        # a bare boolean flag (`--compile`) means true
-        parser.add_argument(f"--{f.name}", default=None, metavar=f.type.upper() if f.type != "bool" else "BOOL",
-                            nargs="?" if f.type == "bool" else None, const="true" if f.type == "bool" else None,
-                            help=f"default: {f.default!r}")
+        parser.add_argument("run_dir", help="a run's output_dir")
+    if command == "train":
+        parser.add_argument("--preset", default="", metavar="NAME",
+                            help=f"a named recipe over the defaults: {', '.join(PRESETS)}")
+        parser.add_argument("--config", default="", metavar="FILE",
+                            help="a JSON file of field: value (a run's config.json works); flags override it")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name in (n for n in COMMAND_FIELDS["train"] if n in COMMAND_FIELDS[command]):  # Config's order
+        group, text = field_docs()[name]  # a field without its comment fails here, loudly
+        if group not in groups:
+            groups[group] = parser.add_argument_group(group)
+        add_field(groups[group], name, getattr(DEFAULTS, name), text)
     return parser
+
+
+def trainer_hint(name: str) -> str:
+    """The hint for a Trainer name: the first alternative whose --flags all exist in Config."""
+    hints = TRAINER_NAMES[name]
+    for hint in (hints,) if isinstance(hints, str) else hints:
+        if set(re.findall(r"--(\w+)", hint)) <= set(COMMAND_FIELDS["train"]):
+            return f"that is the Trainer's name; here it is {hint}" if hint.startswith("--") else hint
+    return "the Trainer has it; here there is no such flag"  # tests keep every entry from ending here
+
+
+def unknown_flag(command: str, token: str) -> ConfigError:
+    """One line for what this command's parser did not take: a flag of another command, a Trainer name
+    with its counterpart, or the closest flag (this command's first)."""
+    see = f" (see `sentiment {command} --help`)"
+    if not token.startswith("-"):
+        return ConfigError(f"unexpected argument {token!r}; flags are written --name value{see}")
+    flag = token.split("=")[0]
+    if users(flag) and command not in users(flag):
+        return ConfigError(f"{flag} is not used by `sentiment {command}`, only by {' and '.join(users(flag))}{see}")
+    if flag.lstrip("-") in TRAINER_NAMES:
+        return ConfigError(f"unknown flag {flag}: {trainer_hint(flag.lstrip('-'))}{see}")
+    close = difflib.get_close_matches(flag, flag_names(command), n=1)
+    if close:
+        return ConfigError(f"unknown flag {flag}; did you mean {close[0]}?{see}")
+    close = difflib.get_close_matches(flag, flag_names("train"), n=1)  # a misspelt flag of another command
+    return ConfigError(f"unknown flag {flag}" + (f"; {close[0]} is a flag of {' and '.join(users(close[0]))} only"
+                                                 if close else "") + see)
+
+
+def flag_names(command: str) -> list[str]:
+    return [f"--{n}" for n in COMMAND_FIELDS[command] + (TRAIN_ONLY_OPTIONS if command == "train" else ())]
+
+
+def users(flag: str) -> list[str]:  # the commands that take `flag`
+    return [c for c in COMMANDS if flag in flag_names(c)]
 
 
 def parse(argv: list[str]) -> tuple[str, argparse.Namespace, Config | None]:
@@ -57,18 +207,14 @@ def parse(argv: list[str]) -> tuple[str, argparse.Namespace, Config | None]:
             close = difflib.get_close_matches(command, COMMANDS, n=1)
             raise ConfigError(f"unknown command {command!r}" + (f"; did you mean {close[0]}?" if close else "")
                               + f" (commands: {', '.join(COMMANDS)})")
-    parser = make_parser(command)
-    args, unknown = parser.parse_known_args(argv)
+    args, unknown = make_parser(command).parse_known_args(argv)
     if unknown:
-        flag = next((u for u in unknown if u.startswith("-")), unknown[0])
-        names = [f"--{f.name}" for f in fields(Config)] + ["--preset", "--config"]
-        close = difflib.get_close_matches(flag.split("=")[0], names, n=1)
-        raise ConfigError(f"unknown flag {flag}" + (f"; did you mean {close[0]}?" if close else "")
-                          + f" (see `sentiment {command} --help`)")
+        raise unknown_flag(command, next((u for u in unknown if u.startswith("-")), unknown[0]))
     if command == "plot":
         return command, args, None
-    overrides = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
-    return command, args, build_config(args.preset, args.config, overrides)
+    # fields this command does not read keep their defaults: they change nothing it does
+    overrides = {n: getattr(args, n) for n in COMMAND_FIELDS[command] if getattr(args, n) is not None}
+    return command, args, build_config(getattr(args, "preset", ""), getattr(args, "config", ""), overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
