@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import re
 import sys
 import textwrap
 from dataclasses import fields
@@ -22,9 +21,10 @@ from sentiment.runlog import LOG, console
 # The Config fields each command reads (train reads them all); a command lists no flag it ignores, and
 # adding a field to a command is adding its name here.
 EVALUATE_FIELDS = ("model_name_or_path", "dataset", "test_file", "data_dir", "n_test", "max_length", "truncation",
-                   "padding", "eval_batch_size", "device", "precision", "compile", "seed", "keep_freed_memory")
+                   "padding", "eval_batch_size", "device", "precision", "compile", "seed", "keep_freed_memory",
+                   "overwrite")
 PREDICT_FIELDS = ("model_name_or_path", "max_length", "truncation", "padding", "eval_batch_size", "device",
-                  "precision", "compile", "keep_freed_memory")
+                  "precision", "compile", "keep_freed_memory", "overwrite")
 COMMAND_FIELDS = {"train": tuple(f.name for f in fields(Config)), "evaluate": EVALUATE_FIELDS,
                   "predict": PREDICT_FIELDS, "plot": ()}
 COMMANDS = tuple(COMMAND_FIELDS)
@@ -33,11 +33,9 @@ TRAIN_ONLY_OPTIONS = ("preset", "config")  # a run's config.json names the base 
 
 # The Hugging Face Trainer's names, typed from habit: a close match would guess wrong (--learning_rate is not
 # --warmup_ratio). A value starting with `--` is our flag for it; other text explains. A tuple holds
-# alternatives, best first: the first whose --flags all exist is used, so a hint naming a field that is not
-# in Config yet (max_steps, eval_every) falls back to the explanation, and upgrades when the field lands.
-# Same name here as in the Trainer, so no entry: seed, output_dir, warmup_ratio, weight_decay,
-# max_grad_norm, report_to, group_by_length, gradient_checkpointing.
-TRAINER_NAMES: dict[str, str | tuple[str, ...]] = {
+# Same name here as in the Trainer, so no entry: seed, output_dir, warmup_ratio, weight_decay, max_grad_norm,
+# report_to, group_by_length, gradient_checkpointing, max_steps, early_stopping_patience.
+TRAINER_NAMES: dict[str, str] = {
     "learning_rate": "--lr", "num_train_epochs": "--epochs",
     "per_device_train_batch_size": "--micro_batch_size",
     "per_device_eval_batch_size": "--eval_batch_size",
@@ -45,8 +43,7 @@ TRAINER_NAMES: dict[str, str | tuple[str, ...]] = {
     "logging_steps": "--log_every",
     "save_total_limit": "--keep_last",
     "save_steps": "--save_every",
-    "eval_steps": ("--eval_every", "evaluation happens at every epoch end; there is no step interval"),
-    "max_steps": ("--max_steps", "there is no step limit: training runs --epochs whole epochs"),
+    "eval_steps": "--eval_every",
     "warmup_steps": "--warmup_ratio (a share of the optimizer steps, not a count)",
     "lr_scheduler_type": "the schedule is linear warmup (--warmup_ratio) then linear decay to 0, the Trainer's default",
     "fp16": "--precision fp16", "bf16": "--precision bf16",
@@ -55,14 +52,10 @@ TRAINER_NAMES: dict[str, str | tuple[str, ...]] = {
     "adam_epsilon": "--adam_eps",
     "dataloader_num_workers": "--num_workers",
     "torch_compile": "--compile",
-    "eval_strategy": ("evaluation and a checkpoint happen at every epoch end, besides evaluation every --eval_every "
-                      "and a checkpoint every --save_every steps",
-                      "evaluation and a checkpoint happen at every epoch end, besides a checkpoint every --save_every "
-                      "steps"),
+    "eval_strategy": "evaluation and a checkpoint happen at every epoch end, besides evaluation every --eval_every "
+                     "and a checkpoint every --save_every steps",
     "load_best_model_at_end": "with --val_fraction > 0 the best model by validation accuracy is always loaded at the "
                               "end (and saved); without, the last",
-    "early_stopping_patience": ("--early_stopping_patience", "there is no early stopping: training runs --epochs "
-                                "epochs; with --val_fraction > 0 the best epoch's model is the one kept"),
     "batch_size": "the global batch is --micro_batch_size x --grad_accum_steps x processes; for evaluation "
                   "--eval_batch_size",
 }
@@ -70,8 +63,10 @@ TRAINER_NAMES["evaluation_strategy"] = TRAINER_NAMES["save_strategy"] = TRAINER_
 
 USAGE = {  # argparse would list every flag here; the groups below do that, with their meaning
     "train": "sentiment train [--preset NAME] [--config FILE.json] [--FLAG VALUE ...]",
-    "evaluate": "sentiment evaluate --model_name_or_path DIR [--data_dir DIR | --test_file FILE] [--FLAG VALUE ...]",
-    "predict": "sentiment predict TEXT [TEXT ...] --model_name_or_path DIR [--FLAG VALUE ...]",
+    "evaluate": "sentiment evaluate --model_name_or_path RUN [--data_dir DIR | --test_file FILE] [--output FILE.json] "
+                "[--FLAG VALUE ...]",
+    "predict": "sentiment predict (TEXT [TEXT ...] | --input FILE) --model_name_or_path RUN [--output FILE] "
+               "[--FLAG VALUE ...]",
     "plot": "sentiment plot RUN_DIR",
 }
 ABOUT = {  # what the command does, with two examples: a first-day user reads this before any flag
@@ -87,19 +82,20 @@ examples:
   sentiment train --model_name_or_path $MINILM --data_dir runs/imdb_split --val_fraction 0.1 \\
       --epochs 1 --max_length 256 --output_dir runs/minilm""",
     "evaluate": """\
-Measure a saved model on the test split: prints loss, accuracy, precision, recall, F1 and the
-confusion matrix as JSON.
+Measure a trained model on the test split: prints loss, accuracy, precision, recall, F1 and the
+confusion matrix as JSON on stdout (and into --output). It reads reviews with the max_length and
+truncation the model was trained with, unless you pass others.
 
 examples:
-  sentiment evaluate --model_name_or_path runs/latest/model      # the tutorial's 500 IMDb test reviews
-  sentiment evaluate --model_name_or_path runs/minilm/model --data_dir runs/imdb_split --n_test 0""",
+  sentiment evaluate --model_name_or_path runs/latest      # the tutorial's 500 IMDb test reviews
+  sentiment evaluate --model_name_or_path runs/minilm --data_dir runs/imdb_split --n_test 0 --output eval.json""",
     "predict": """\
-Classify reviews with a saved model: prints one line per review: label (neg/pos), its probability,
-the text.
+Classify reviews with a trained model: one line per review on stdout (label neg/pos, its probability,
+the text), or a .jsonl/.csv file with --output. Messages go to stderr.
 
 examples:
-  sentiment predict --model_name_or_path runs/latest/model "Loved it." "Dreadful."
-  sentiment predict "A slow start, then wonderful." --model_name_or_path runs/minilm/model --device cpu""",
+  sentiment predict --model_name_or_path runs/latest "Loved it." "Dreadful."
+  sentiment predict --model_name_or_path runs/minilm --input reviews.csv --output preds.jsonl""",
     "plot": """\
 Draw a run's figures (loss, accuracy, learning rate, throughput, ...) into RUN/plots/.
 
@@ -144,7 +140,14 @@ def make_parser(command: str) -> argparse.ArgumentParser:
     parser = _Parser(prog=f"sentiment {command}", usage=USAGE[command], description=ABOUT[command],
                      epilog=EPILOG.format(commands=", ".join(COMMANDS)), allow_abbrev=False, formatter_class=_Formatter)
     if command == "predict":
-        parser.add_argument("texts", nargs="+", help="review texts to classify, each in quotes")
+        parser.add_argument("texts", nargs="*", help="review texts to classify, each in quotes")
+        parser.add_argument("--input", default="", metavar="FILE", help="reviews to classify instead: a parquet/CSV/"
+                            "JSONL file with a `text` column, a .txt file with one review per line, or - for stdin")
+    if command in ("predict", "evaluate"):
+        what = ("predictions: .jsonl or .csv, a row per review in input order (label, prob_neg, prob_pos)"
+                if command == "predict" else "the metrics as a JSON file")
+        parser.add_argument("--output", default="", metavar="FILE", help=f"write {what}; kept if it exists, "
+                            "unless --overwrite true")
     if command == "plot":
         parser.add_argument("run_dir", help="a run's output_dir")
     if command == "train":
@@ -162,12 +165,8 @@ def make_parser(command: str) -> argparse.ArgumentParser:
 
 
 def trainer_hint(name: str) -> str:
-    """The hint for a Trainer name: the first alternative whose --flags all exist in Config."""
-    hints = TRAINER_NAMES[name]
-    for hint in (hints,) if isinstance(hints, str) else hints:
-        if set(re.findall(r"--(\w+)", hint)) <= set(COMMAND_FIELDS["train"]):
-            return f"that is the Trainer's name; here it is {hint}" if hint.startswith("--") else hint
-    return "the Trainer has it; here there is no such flag"  # tests keep every entry from ending here
+    hint = TRAINER_NAMES[name]
+    return f"that is the Trainer's name; here it is {hint}" if hint.startswith("--") else hint
 
 
 def unknown_flag(command: str, token: str) -> ConfigError:
@@ -212,6 +211,9 @@ def parse(argv: list[str]) -> tuple[str, argparse.Namespace, Config | None]:
         raise unknown_flag(command, next((u for u in unknown if u.startswith("-")), unknown[0]))
     if command == "plot":
         return command, args, None
+    if command in ("evaluate", "predict") and args.model_name_or_path is None:  # never the base model's random head
+        raise ConfigError(f"sentiment {command} needs --model_name_or_path: a run folder or the model folder in it "
+                          "(RUN or RUN/model)")
     # fields this command does not read keep their defaults: they change nothing it does
     overrides = {n: getattr(args, n) for n in COMMAND_FIELDS[command] if getattr(args, n) is not None}
     return command, args, build_config(getattr(args, "preset", ""), getattr(args, "config", ""), overrides)

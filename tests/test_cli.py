@@ -94,13 +94,16 @@ def test_cli_holds_no_copy_of_the_help_text():
     assert not copied, f"cli.py repeats Config's comments: {copied}"
 
 
+COMMAND_OPTIONS = {"train": ["--preset", "--config"], "evaluate": ["--output"], "predict": ["--input", "--output"]}
+
+
 @pytest.mark.parametrize("command", ["train", "evaluate", "predict"])
 def test_flags_are_grouped_as_in_config(command, monkeypatch):
     listed = sections(help_text(command, monkeypatch))
     for group in GROUPS:
         expected = [f"--{n}" for n in FIELDS if n in COMMAND_FIELDS[command] and field_docs()[n][0] == group]
         assert listed.get(group, []) == expected
-    assert listed["options"] == (["--preset", "--config"] if command == "train" else [])
+    assert listed["options"] == COMMAND_OPTIONS[command]
     assert [h for h in listed if h in GROUPS] == [g for g in GROUPS if g in listed]  # in Config's order
 
 
@@ -108,7 +111,7 @@ def test_flags_are_grouped_as_in_config(command, monkeypatch):
 def test_evaluate_and_predict_list_no_training_flag(command, monkeypatch):
     text = help_text(command, monkeypatch)
     named = set(re.findall(r"--\w+", text))  # usage, examples and epilog included
-    assert named <= {f"--{n}" for n in COMMAND_FIELDS[command]} | {"--help", "--FLAG"}, named
+    assert named <= {f"--{n}" for n in COMMAND_FIELDS[command]} | {"--help", "--FLAG", *COMMAND_OPTIONS[command]}
     assert not {"--lr", "--epochs", "--preset", "--config", "--output_dir"} & named
 
 
@@ -125,7 +128,7 @@ def test_examples_in_the_help_are_valid_command_lines(tmp_path):
 def test_adding_a_field_to_a_command_is_one_name(monkeypatch):
     monkeypatch.setitem(cli.COMMAND_FIELDS, "predict", PREDICT_FIELDS + ("seed",))
     assert "  --seed " in help_text("predict", monkeypatch)
-    assert parse(["predict", "fine", "--seed", "7"])[2].seed == 7
+    assert parse(["predict", "fine", "--seed", "7", "--model_name_or_path", "m"])[2].seed == 7
 
 
 def test_evaluate_and_predict_take_their_flags():
@@ -134,7 +137,8 @@ def test_evaluate_and_predict_take_their_flags():
     assert command == "evaluate"
     assert (cfg.model_name_or_path, cfg.test_file, cfg.n_test, cfg.seed, cfg.compile) == ("m", "t.jsonl", 7, 3, True)
     assert cfg.lr == Config().lr and cfg.output_dir == Config().output_dir
-    command, args, cfg = parse(["predict", "great", "awful", "--max_length", "64", "--truncation", "tail"])
+    command, args, cfg = parse(["predict", "great", "awful", "--max_length", "64", "--truncation", "tail",
+                                "--model_name_or_path", "m"])
     assert args.texts == ["great", "awful"] and (cfg.max_length, cfg.truncation) == (64, "tail")
 
 
@@ -198,16 +202,6 @@ def test_batch_size_names_the_global_batch(capsys):
                                       "(see `sentiment train --help`)")
 
 
-@pytest.mark.parametrize("name, field", [("eval_steps", "eval_every"), ("max_steps", "max_steps"),
-                                         ("early_stopping_patience", "early_stopping_patience")])
-def test_a_hint_names_a_flag_only_once_config_has_it(name, field, monkeypatch):
-    without = [n for n in COMMAND_FIELDS["train"] if n != field]
-    monkeypatch.setitem(cli.COMMAND_FIELDS, "train", tuple(without))
-    assert f"--{field}" not in cli.trainer_hint(name)  # an explanation instead
-    monkeypatch.setitem(cli.COMMAND_FIELDS, "train", tuple(without) + (field,))
-    assert cli.trainer_hint(name) == f"that is the Trainer's name; here it is --{field}"
-
-
 def test_names_the_trainer_shares_with_us_just_work():
     _, _, cfg = parse([arg for name, value in SAME_NAMES.items() for arg in (f"--{name}", value)])
     assert {name: str(getattr(cfg, name)).lower() for name in SAME_NAMES} == SAME_NAMES
@@ -220,7 +214,7 @@ def test_names_the_trainer_shares_with_us_just_work():
 def test_bare_boolean_flag_means_true():
     assert parse(["--compile"])[2].compile is True
     assert parse(["--compile", "false", "--epochs", "1"])[2].compile is False
-    assert parse(["evaluate", "--compile"])[2].compile is True
+    assert parse(["evaluate", "--compile", "--model_name_or_path", "m"])[2].compile is True
 
 
 def test_unknown_flag_close_match_and_unknown_command(capsys):
@@ -237,14 +231,22 @@ def test_unknown_flag_close_match_and_unknown_command(capsys):
     assert one_error_line(capsys).startswith("unexpected argument 'stray'")
 
 
-def test_predict_still_needs_texts():
-    with pytest.raises(ConfigError, match="the following arguments are required: texts"):
-        parse(["predict", "--model_name_or_path", "m"])
+def test_evaluate_and_predict_need_a_model(capsys):
+    """Never the default bert-base-uncased with an untrained head: that would score reviews at random."""
+    for command in (["evaluate"], ["predict", "fine"]):
+        assert main(command) == 2
+        assert one_error_line(capsys).startswith(f"sentiment {command[0]} needs --model_name_or_path")
+
+
+def test_predict_needs_texts_or_an_input_file(capsys):
+    for argv in ([], ["a", "--input", "reviews.csv"]):
+        assert main(["predict", "--model_name_or_path", "m", *argv]) == 2
+        assert one_error_line(capsys).startswith("predict takes review texts as arguments or --input FILE")
 
 
 def test_help_from_a_real_process():
     proc = subprocess.run([sys.executable, "-m", "sentiment", "predict", "--help"], capture_output=True, text=True,
                           cwd=REPO, timeout=60, env={"PYTHONPATH": str(REPO), "COLUMNS": "120"})
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("usage: sentiment predict TEXT")
+    assert proc.stdout.startswith("usage: sentiment predict (TEXT [TEXT ...] | --input FILE)")
     assert "system:" in proc.stdout and "--lr" not in proc.stdout

@@ -383,7 +383,7 @@ OTHER_CASES = [
     ("predict_model_without_tokenizer_files", ["predict", "great", "--model_name_or_path", "{no_tokenizer}"],
      r"model folder .*no_tokenizer has no tokenizer files"),
     ("predict_empty_text", ["predict", "  ", "--model_name_or_path", "{model}"], r"text 1 of 1 is empty; remove it or give it a review"),
-    ("predict_without_text", ["predict", "--model_name_or_path", "{model}"], r"the following arguments are required: texts"),
+    ("predict_without_text", ["predict", "--model_name_or_path", "{model}"], r"predict takes review texts as arguments or --input FILE"),
     ("predict_missing_model", ["predict", "great", "--model_name_or_path", "{missing}"], r"could not load"),
     ("unknown_command", ["trian", "--epochs", "1"], r"unknown command 'trian'; did you mean train\?"),
 ]
