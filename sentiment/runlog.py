@@ -193,6 +193,7 @@ class RunLog:
         if main and self.cfg.report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
             self.tensorboard = SummaryWriter(str(self.out / "tensorboard"))
+            self.tensorboard.add_text("config", "\n".join(f"    {k} = {v!r}" for k, v in self.cfg.to_dict().items()))
         self.engine.reset_peak_memory()
         self.started = time.perf_counter()  # the ETA extrapolates from this process's steps, evaluations included
         return self
@@ -251,6 +252,13 @@ class RunLog:
         if self.engine.is_main:
             LOG.info(f"eval epoch {epoch} | {split} | loss {metrics['loss']:.4f} | accuracy "
                            f"{metrics['accuracy']:.4f} | f1 {metrics['f1']:.4f}" + (" | best so far" if is_best else ""))
+
+    def final(self, results: dict) -> None:
+        """The test metrics, to TensorBoard with the config as hyperparameters (its HPARAMS tab compares runs)."""
+        if self.tensorboard:
+            hparams = {k: v for k, v in self.cfg.to_dict().items() if isinstance(v, (bool, int, float, str))}
+            self.tensorboard.add_hparams(hparams, {f"test/{k}": results[k] for k in ("accuracy", "f1", "loss")},
+                                         run_name=".", global_step=results["steps"])
 
     @property
     def samples_per_second(self) -> float | None:

@@ -167,9 +167,9 @@ def run(cfg: Config, engine: Engine) -> dict:
                 if stop_now:
                     stop.exit(step + 1)
 
-        # ------------------------------------------------------------------------------ teardown
-        stop.immediate = FINAL_EVAL_STOP  # training is over and checkpointed: a resume finishes the run
-        return finish(cfg, engine, model, tokenizer, splits, progress, last_eval, collate, log, env, started)
+            # -------------------------------------------------------------------------- teardown
+            stop.immediate = FINAL_EVAL_STOP  # training is over and checkpointed: a resume finishes the run
+            return finish(cfg, engine, model, tokenizer, splits, progress, last_eval, collate, log, env, started)
 
 
 def epoch_batches(cfg: Config, engine: Engine, dataset: ReviewDataset, collate, global_batch: int, epoch: int,
@@ -192,7 +192,7 @@ def print_header(cfg: Config, engine: Engine, env: dict, splits: Splits, n_param
                  f"transformers {env['transformers']} | {env['device_name']}")
     engine.print("config: " + " ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
     engine.print(f"data: train {len(splits.train)} | val {len(splits.val) if splits.val else 0} | "
-                 f"test {len(splits.test)} reviews | model {n_params / 1e6:.1f}M parameters")
+                 f"test {len(splits.test)} reviews | model {n_params / 1e6:.3g}M parameters")
     steps = f"max_steps {cfg.max_steps}" if cfg.max_steps else f"x {cfg.epochs} epochs = {cfg.epochs * steps_per_epoch}"
     engine.print(f"batch: global {global_batch} = micro {cfg.micro_batch_size} x accum {cfg.grad_accum_steps} x "
                  f"world {engine.world_size} | {steps_per_epoch} steps/epoch {steps} steps | warmup {warmup_steps} steps"
@@ -224,6 +224,7 @@ def finish(cfg: Config, engine: Engine, model, tokenizer, splits: Splits, progre
                         {ckpt.TRAINING_CONFIG: json.dumps(cfg.to_dict(), indent=2) + "\n"})
         # report.md: metrics, engine decisions, figures (if matplotlib), the most confidently wrong test reviews
         write_report(out, misclassified(splits.test.texts, splits.test.labels, test_probs), results)
+        log.final(results)
         ckpt.write_json(out / "results.json", results)  # its presence marks the run finished
         if cfg.keep_last == 0:  # the run is final: what resume needed (optimizer state included) can go
             ckpt.remove_checkpoints(out)
