@@ -22,7 +22,7 @@ from sentiment.data import LABEL_NAMES, collator, read_file, read_split, take, t
 from sentiment.engine import Engine, setup_engine
 from sentiment.errors import ConfigError, DataError, ModelError
 from sentiment.evaluate import evaluate, predict_probs
-from sentiment.model import check_max_length, check_tokenizer, load_model, load_model_config, load_tokenizer
+from sentiment.model import load_checked, load_model
 from sentiment.runlog import LOG, console, quiet_libraries
 
 RECORDED = ("max_length", "truncation")  # how the model saw reviews in training: inference must see them alike
@@ -57,10 +57,7 @@ def load_for_inference(cfg: Config, engine: Engine):
     """(cfg, model, tokenizer, collate) for the trained model at cfg.model_name_or_path, on the engine's device."""
     name = model_folder(cfg.model_name_or_path)
     cfg = with_recorded_settings(cfg, name)
-    tokenizer = load_tokenizer(name)
-    config = load_model_config(name)
-    check_tokenizer(tokenizer, config, name)
-    check_max_length(cfg.max_length, config)
+    tokenizer, config = load_checked(name, cfg.max_length)
     model = engine.wrap(load_model(name, config=config, trained_head=True), compile=cfg.compile, inference=True)
     return cfg, model, tokenizer, collator(cfg, tokenizer.pad_token_id)
 

@@ -99,6 +99,15 @@ def load_model(name: str, dropout: float = -1.0, gradient_checkpointing: bool = 
     return model
 
 
+def load_checked(name: str, max_length: int, dropout: float = -1.0):
+    """(tokenizer, model config) of `name`, with no weights loaded yet, after the checks that would otherwise fail
+    midway through a run: the tokenizer's special tokens and size, and max_length against the positions."""
+    tokenizer, config = load_tokenizer(name), load_model_config(name, dropout)
+    check_tokenizer(tokenizer, config, name)
+    check_max_length(max_length, config)
+    return tokenizer, config
+
+
 def check_max_length(max_length: int, config) -> None:
     """The one rule for every command: inputs longer than the model's position embeddings (512 for BERT)
     would crash inside them, so a larger --max_length is refused, never silently cut."""

@@ -26,8 +26,7 @@ from sentiment.engine import Engine, setup_engine
 from sentiment.evaluate import evaluate
 from sentiment.loop import (StopRequest, ignore_stop_signals, is_bad, lr_at, out_of_memory_is_an_error, set_lr,
                             step_totals, token_counts, too_many_bad_steps)
-from sentiment.model import (check_max_length, check_tokenizer, count_params, load_model, load_model_config,
-                             load_tokenizer, param_groups)
+from sentiment.model import count_params, load_checked, load_model, param_groups
 from sentiment.report import misclassified, write_report
 from sentiment.runlog import (RunLog, StepClock, TimedBatches, check_report_to, console, environment, git_commit,
                               quiet_libraries)
@@ -62,10 +61,7 @@ def run(cfg: Config, engine: Engine) -> dict:
     if finished is not None:
         return finished
     check_report_to(cfg)
-    tokenizer = load_tokenizer(cfg.model_name_or_path)
-    model_config = load_model_config(cfg.model_name_or_path, cfg.dropout)  # no weights yet
-    check_tokenizer(tokenizer, model_config, cfg.model_name_or_path)
-    check_max_length(cfg.max_length, model_config)
+    tokenizer, model_config = load_checked(cfg.model_name_or_path, cfg.max_length, cfg.dropout)  # no weights yet
 
     with engine.main_process_first():  # rank 0 tokenizes and fills the cache; the others read it
         splits = load_splits(cfg, tokenizer)
@@ -88,6 +84,8 @@ def run(cfg: Config, engine: Engine) -> dict:
     progress = ckpt.Progress()
     if resume:
         progress = ckpt.restore_state(ckpt.load_checkpoint(resume.path), raw_model, optimizer, scaler, engine)
+        if progress.out_of_patience(cfg.early_stopping_patience):  # it had stopped early: only finish it
+            total_steps = progress.step
     run_id = folder.run_id if resume and folder.state == "started" else rundir.new_run_id()
     identity = {"config": cfg.to_dict(), "run_id": run_id, "fingerprint": fingerprint}  # saved in every checkpoint
 
@@ -109,10 +107,6 @@ def run(cfg: Config, engine: Engine) -> dict:
         with out_of_memory_is_an_error(cfg.micro_batch_size, cfg.max_length, global_batch), \
                 RunLog(out, cfg, engine, raw_model, total_steps, start_step) as log:
             for step in range(start_step, total_steps):
-                if progress.out_of_patience(cfg.early_stopping_patience):
-                    engine.print(f"early stopping: no better val accuracy in {progress.evals_since_best} evaluations; "
-                                 f"the best was at step {progress.best_step}")
-                    break
                 epoch, batch_in_epoch = divmod(step, steps_per_epoch)
                 if step == start_step or batch_in_epoch == 0:
                     batches = epoch_batches(cfg, engine, dataset, collate, global_batch, epoch, batch_in_epoch)
@@ -166,6 +160,10 @@ def run(cfg: Config, engine: Engine) -> dict:
                     engine.barrier()
                 if stop_now:
                     stop.exit(step + 1)
+                if progress.out_of_patience(cfg.early_stopping_patience):
+                    engine.print(f"early stopping: no better val accuracy in {progress.evals_since_best} evaluations; "
+                                 f"the best was at step {progress.best_step}")
+                    break
 
             # -------------------------------------------------------------------------- teardown
             stop.immediate = FINAL_EVAL_STOP  # training is over and checkpointed: a resume finishes the run

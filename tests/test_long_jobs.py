@@ -96,3 +96,15 @@ def test_keep_last_0_still_keeps_what_resume_needs_during_the_run(tmp_path):
 
 def test_step_line_clock():
     assert hms(0) == "0:00" and hms(75.9) == "1:15" and hms(3723) == "1:02:03"
+
+
+def test_a_run_killed_after_stopping_early_is_finished_by_resume_without_training_on(tiny_config):
+    cfg = tiny_config(epochs=5, val_fraction=0.25, lr=1e-9, early_stopping_patience=2)
+    results = train(cfg)
+    out = Path(cfg.output_dir)
+    metrics = (out / "metrics.jsonl").read_text()
+    for name in ("results.json", "report.md"):  # as if killed in the final evaluation, after the last checkpoint
+        (out / name).unlink()
+    resumed = train(cfg.__class__(**{**cfg.to_dict(), "resume": "auto"}))
+    assert resumed["steps"] == results["steps"] == 27 and resumed["accuracy"] == results["accuracy"]
+    assert (out / "metrics.jsonl").read_text() == metrics  # not one step more
