@@ -1,12 +1,20 @@
 """Fine-tune BERT on IMDb sentiment with a plain-PyTorch loop you can read top to bottom.
 
+The Python API is the command line's: the same Config, the same runs, the same files.
+
+    import logging
     from sentiment import Config, train, evaluate, predict
 
-    results = train(Config(model_name_or_path="path/to/minilm", data_dir="imdb", output_dir="runs/nb"))
-    predict(Config(model_name_or_path=results["model_dir"]), ["A wonderful film."])
+    results = train(Config(model_name_or_path=MINILM, data_dir="runs/imdb_split", val_fraction=0.1,
+                           epochs=1, max_length=256, output_dir="runs/notebook"))
+    print(results["accuracy"], results["model_dir"])  # what results.json holds, and where the model is
+    trained = Config(model_name_or_path="runs/notebook", data_dir="runs/imdb_split")  # a run folder works
+    print(evaluate(trained)["f1"])  # the metrics of `sentiment evaluate`
+    print(predict(trained, ["A wonderful film.", "Two hours I will not get back."]))  # label, prob_neg, prob_pos
+    logging.getLogger("sentiment").setLevel(logging.WARNING)  # quiet: the run's lines go through logging
 
-`sentiment.train`, `sentiment.evaluate` and `sentiment.predict` are these functions; the modules of the
-same names stay importable with `from sentiment.train import run` and the like.
+`sentiment.train`, `sentiment.evaluate` and `sentiment.predict` are these functions; the modules of the same
+names stay importable (`from sentiment.train import run`).
 """
 
 __version__ = "0.1.0"
