@@ -2,14 +2,17 @@
 
 `plot_run(run_dir)` draws PNGs into RUN/plots/ (matplotlib is an optional extra: pip install matplotlib);
 `write_report(run_dir, misclassified)` writes RUN/report.md. train.py calls write_report at the end of
-every run; `sentiment plot RUN` (or scripts/plot_run.py) redraws the figures of any run, finished or not.
+every run; `redraw(run_dir)` (`sentiment plot RUN`) redraws the figures of any run, finished or not, and
+the report.md of a finished one.
 """
 
 from __future__ import annotations
 
 import html
 import importlib.util
+import itertools
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,14 +27,15 @@ if TYPE_CHECKING:  # matplotlib is optional: imported when a figure is drawn
 
 PLOTS_DIR = "plots"
 FIGURES = {  # file name: what it shows, in the order report.md embeds them
-    "loss.png": "training loss per optimizer step and evaluation loss per epoch",
-    "accuracy.png": "evaluation accuracy and F1 per epoch",
+    "loss.png": "training loss per optimizer step, evaluation loss, epoch ends",
+    "accuracy.png": "evaluation accuracy and F1, and the selected model's step",
     "lr.png": "learning rate schedule",
     "grad_norm.png": "gradient norm before clipping (and the fp16 loss scale)",
     "throughput.png": "samples/s and real tokens/s, and where each step's time goes",
     "confusion_matrix.png": "test confusion matrix",
 }
 TEXT_CHARS = 300  # characters of a misclassified review shown in report.md
+MISCLASSIFIED = "## Misclassified test reviews"
 
 
 def read_run(run_dir: str | Path) -> tuple[list[dict], list[dict], dict | None, dict]:
@@ -66,13 +70,14 @@ def plot_run(run_dir: str | Path, results: dict | None = None) -> list[Path]:
     out = Path(run_dir) / PLOTS_DIR
     out.mkdir(exist_ok=True)
     steps = np.array([r["step"] for r in train_rows])
+    last = max([int(steps[-1])] + [r["step"] for r in eval_rows])  # every step figure spans 0..last
     has_cm = bool(results and results.get("confusion_matrix"))
     figures = {  # in FIGURES order; None where the run has no data for it yet
-        "loss.png": _loss_figure(steps, train_rows, eval_rows),
-        "accuracy.png": _accuracy_figure(eval_rows, results) if eval_rows else None,
-        "lr.png": _lr_figure(steps, train_rows),
-        "grad_norm.png": _grad_norm_figure(steps, train_rows, config.get("max_grad_norm", 0)),
-        "throughput.png": _throughput_figure(steps, train_rows),
+        "loss.png": _loss_figure(steps, train_rows, eval_rows, last),
+        "accuracy.png": _accuracy_figure(eval_rows, results, last) if eval_rows else None,
+        "lr.png": _lr_figure(steps, train_rows, last),
+        "grad_norm.png": _grad_norm_figure(steps, train_rows, config.get("max_grad_norm", 0), last),
+        "throughput.png": _throughput_figure(steps, train_rows, last),
         "confusion_matrix.png": _confusion_figure(results) if has_cm else None,
     }
     written = []
@@ -84,17 +89,42 @@ def plot_run(run_dir: str | Path, results: dict | None = None) -> list[Path]:
     return written
 
 
+def best_eval(eval_rows: list[dict]) -> dict | None:
+    """The evaluation whose weights train.py saved and tested: the first with the highest val accuracy (a tie
+    later is no better, as in checkpoint.Progress.new_best). None without a validation split: the final model."""
+    val = [r for r in eval_rows if r["split"] == "val"]
+    return max(val, key=lambda r: r["accuracy"]) if val else None  # max keeps the first of equals
+
+
+def epoch_ends(train_rows: list[dict]) -> list[int]:
+    """The last step of every epoch that another epoch follows, from the rows' `epoch` field."""
+    return [a["step"] for a, b in itertools.pairwise(train_rows) if b["epoch"] != a["epoch"]]
+
+
 def _figure(width: float, height: float) -> Figure:
-    """A new matplotlib Figure of this size in inches."""
-    # the object-oriented API renders with Agg and touches no global pyplot state or backend
+    """A Figure of this size in inches: the object-oriented API renders with Agg, no pyplot state or backend."""
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height))
 
 
-def _loss_figure(steps: np.ndarray, train_rows: list[dict], eval_rows: list[dict]) -> Figure:
-    """Training loss per step with a moving average over it (raw per-step loss is noisy at small batches),
-    and the evaluation loss at the end of each epoch."""
+def _step_axis(ax, last: int) -> None:
+    """x = optimizer steps, in whole numbers from 0 to a little past the last step (matplotlib's own axis for a
+    lone point, a 1-epoch run's one evaluation, is fractional and ends at it); a grid; a dot for a lone point."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlim(0, last + max(1, round(0.03 * last)))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("optimizer step")
+    ax.grid(alpha=0.3, which="both")
+    for line in ax.get_lines():
+        if len(line.get_xdata()) == 1:
+            line.set_marker("o")  # a line through one point draws nothing
+
+
+def _loss_figure(steps: np.ndarray, train_rows: list[dict], eval_rows: list[dict], last: int) -> Figure:
+    """Training loss per step and its moving average (raw per-step loss is noisy at small batches), the
+    evaluation loss, and a dotted line at each epoch's end."""
     fig = _figure(7, 4)
     ax = fig.add_subplot()
     loss = np.array([r["loss"] for r in train_rows], dtype=float)
@@ -105,44 +135,47 @@ def _loss_figure(steps: np.ndarray, train_rows: list[dict], eval_rows: list[dict
         ax.plot(steps[window - 1:], smooth, color="tab:blue", lw=2, label=f"train ({window}-step mean)")
     if eval_rows:
         ax.plot([r["step"] for r in eval_rows], [r["loss"] for r in eval_rows], "o-", color="tab:orange",
-                label=f"{eval_rows[0]['split']} (end of epoch)")
-    ax.set(xlabel="optimizer step", ylabel="cross-entropy loss", title="Loss")
-    ax.grid(alpha=0.3)
+                label=f"{eval_rows[0]['split']} (evaluations)")
+    for i, step in enumerate(epoch_ends(train_rows)):
+        ax.axvline(step, color="gray", ls=":", lw=1, label="epoch end" if i == 0 else None)
+    ax.set(ylabel="cross-entropy loss", title="Loss")
+    _step_axis(ax, last)
     ax.legend()
     return fig
 
 
-def _accuracy_figure(eval_rows: list[dict], results: dict | None) -> Figure:
-    """Evaluation accuracy and F1 after each epoch, and the final test accuracy once there is one."""
-    eval_name = eval_rows[0]["split"]
+def _accuracy_figure(eval_rows: list[dict], results: dict | None, last: int) -> Figure:
+    """Accuracy and F1 at each evaluation, the selected (best val) model's step, the test accuracy once known."""
+    eval_name, best = eval_rows[0]["split"], best_eval(eval_rows)
     fig = _figure(7, 4)
     ax = fig.add_subplot()
     es = [r["step"] for r in eval_rows]
     ax.plot(es, [r["accuracy"] for r in eval_rows], "o-", label=f"{eval_name} accuracy")
     ax.plot(es, [r["f1"] for r in eval_rows], "s--", label=f"{eval_name} F1 (pos)")
+    if best:
+        ax.axvline(best["step"], color="tab:green", lw=1.5, alpha=0.6, label=f"selected model (step {best['step']})")
     if results:
         ax.axhline(results["accuracy"], color="gray", ls=":", label=f"test accuracy {results['accuracy']:.3f}")
     for r in eval_rows:
         ax.annotate(f"{r['accuracy']:.3f}", (r["step"], r["accuracy"]), textcoords="offset points",
                     xytext=(0, 6), ha="center", fontsize=8)
-    ax.set(xlabel="optimizer step", ylabel="score", title="Evaluation after each epoch",
-           ylim=(min(0.4, *(r["accuracy"] for r in eval_rows)) - 0.05, 1.02))
-    ax.grid(alpha=0.3)
+    ax.set(ylabel="score", title="Evaluations", ylim=(min(0.4, *(r["accuracy"] for r in eval_rows)) - 0.05, 1.02))
+    _step_axis(ax, last)
     ax.legend(loc="best")
     return fig
 
 
-def _lr_figure(steps: np.ndarray, train_rows: list[dict]) -> Figure:
+def _lr_figure(steps: np.ndarray, train_rows: list[dict], last: int) -> Figure:
     fig = _figure(7, 3.5)
     ax = fig.add_subplot()
     ax.plot(steps, [r["lr"] for r in train_rows], color="tab:green")
-    ax.set(xlabel="optimizer step", ylabel="learning rate", title="Learning rate (linear warmup, linear decay)")
+    ax.set(ylabel="learning rate", title="Learning rate (linear warmup, linear decay)")
+    _step_axis(ax, last)
     ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-    ax.grid(alpha=0.3)
     return fig
 
 
-def _grad_norm_figure(steps: np.ndarray, train_rows: list[dict], max_norm: float) -> Figure:
+def _grad_norm_figure(steps: np.ndarray, train_rows: list[dict], max_norm: float, last: int) -> Figure:
     """The norm per step, clipped steps marked; below it the fp16 loss scale when the run had one."""
     has_scale = any("scale" in r for r in train_rows)
     fig = _figure(7, 6 if has_scale else 4)
@@ -154,22 +187,29 @@ def _grad_norm_figure(steps: np.ndarray, train_rows: list[dict], max_norm: float
         ax.scatter(steps[clipped], norm[clipped], color="tab:red", s=12, zorder=3, label="clipped")
     if max_norm:
         ax.axhline(max_norm, color="tab:red", ls="--", lw=1, label=f"max_grad_norm {max_norm:g}")
-    if np.all(norm[np.isfinite(norm)] > 0):
+    finite = norm[np.isfinite(norm)]
+    if len(finite) and finite.min() > 0 and finite.max() / finite.min() > 10:
+        # log only where the norms span over a decade (spikes), labelled at 1, 2, 5 x 10^k as plain numbers:
+        # matplotlib labels only powers of ten, one or two on a short range. Within a decade linear reads best.
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
         ax.set_yscale("log")
-    ax.set(xlabel="optimizer step", ylabel="norm",
-           title=f"Gradient norm ({clipped.sum()} of {len(norm)} steps clipped)")
-    ax.grid(alpha=0.3, which="both")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5) if finite.max() / finite.min() < 1e3 else (1,)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set(ylabel="norm", title=f"Gradient norm ({clipped.sum()} of {len(norm)} steps clipped)")
+    _step_axis(ax, last)
     ax.legend()
     if has_scale:
         ax2 = fig.add_subplot(212)
         ax2.plot([r["step"] for r in train_rows if "scale" in r], [r["scale"] for r in train_rows if "scale" in r],
                  color="tab:brown")
-        ax2.set(xlabel="optimizer step", ylabel="scale", yscale="log", title="fp16 GradScaler loss scale")
-        ax2.grid(alpha=0.3, which="both")
+        ax2.set_yscale("log", base=2)  # GradScaler's scale is a power of two: each tick is one halving
+        ax2.set(ylabel="scale", title="fp16 GradScaler loss scale")
+        _step_axis(ax2, last)
     return fig
 
 
-def _throughput_figure(steps: np.ndarray, train_rows: list[dict]) -> Figure:
+def _throughput_figure(steps: np.ndarray, train_rows: list[dict], last: int) -> Figure:
     """Samples/s and real tokens/s on twin axes; below it each step's milliseconds by phase."""
     fig = _figure(7, 6)
     ax = fig.add_subplot(211)
@@ -180,13 +220,13 @@ def _throughput_figure(steps: np.ndarray, train_rows: list[dict]) -> Figure:
     ax_tok.set_ylabel("real tokens/s", color="tab:orange")
     padded = np.mean([r["padded_fraction"] for r in train_rows])
     ax.set(title=f"Throughput (mean padding {padded:.1%} of tokens)")
-    ax.grid(alpha=0.3)
+    _step_axis(ax, last)
     ax = fig.add_subplot(212)
     parts = [("data_ms", "data wait"), ("fwd_bwd_ms", "forward + backward"), ("opt_ms", "optimizer")]
     ax.stackplot(steps, *[[r[k] for r in train_rows] for k, _ in parts], labels=[n for _, n in parts], alpha=0.8)
-    ax.set(xlabel="optimizer step", ylabel="ms per step", title="Time per step")
+    ax.set(ylabel="ms per step", title="Time per step")
+    _step_axis(ax, last)
     ax.legend(loc="upper right", fontsize=8)
-    ax.grid(alpha=0.3)
     return fig
 
 
@@ -223,20 +263,64 @@ def _shorten(text: str) -> str:
     return text if len(text) <= TEXT_CHARS else text[:TEXT_CHARS].rsplit(" ", 1)[0] + " …"
 
 
-def write_report(run_dir: str | Path, misclassified: list[dict], results: dict | None = None) -> Path:
+def write_report(run_dir: str | Path, misclassified: list[dict] | None, results: dict | None = None) -> Path:
     """RUN/report.md: final metrics (`results`, else RUN/results.json), engine decisions, figures (drawn now
-    when matplotlib is installed), the given misclassified reviews, and the config. Returns its path."""
+    when matplotlib is installed), the given misclassified reviews (None: not known), and the config."""
+    has_mpl = importlib.util.find_spec("matplotlib") is not None
+    return _write_report(Path(run_dir), misclassified, results, plot_run(run_dir, results) if has_mpl else None)
+
+
+def redraw(run_dir: str | Path) -> list[Path]:
+    """`sentiment plot RUN`: the figures of any run and a finished run's report.md; returns the paths written.
+    The misclassified reviews are read back from report.md: their test predictions existed only at the end."""
     run = Path(run_dir)
+    figures = plot_run(run)
+    if not (run / "results.json").is_file():
+        return figures  # in progress: train.py writes report.md when the run finishes
+    return [*figures, _write_report(run, read_misclassified(run / "report.md"), None, figures)]
+
+
+def read_misclassified(report_md: Path) -> list[dict] | None:
+    """A report.md's misclassified reviews as write_report had them (P(pos) to 3 decimals); None if missing."""
+    md = report_md.read_text() if report_md.is_file() else ""
+    section = md.partition(MISCLASSIFIED)[2].split("\n## ")[0]
+    items = re.findall(r"^\d+\. true \*\*(\w+)\*\*, P\(pos\) = ([\d.]+)\n\n   > (.*)$", section, flags=re.M)
+    if not items and "None: every test review" not in section:
+        return None
+    return [{"text": html.unescape(text.replace("\\|", "|")), "label": LABEL_NAMES.index(label),
+             "p_pos": float(p_pos)} for label, p_pos, text in items]
+
+
+def _write_report(run: Path, misclassified: list[dict] | None, results: dict | None,
+                  figures: list[Path] | None) -> Path:
     _, eval_rows, on_disk, config = read_run(run)
     results = results or on_disk or {}
-    lines = [f"# Run report: `{run}`", ""]
+    best = best_eval(eval_rows) if results.get("best_val_accuracy") is not None else None
+    model = f"the selected model (best val accuracy, step {best['step']})" if best else "the final model"
+    lines = [f"# Run report: `{run}`", "", *_metrics_lines(results, eval_rows, model, best), "## Engine decisions", "",
+             *([f"- {d}" for d in results.get("engine", [])] or ["- (no results.json yet)"])]
+    env = results.get("environment", {})
+    lines += ["- environment: " + ", ".join(f"{k} {v}" for k, v in env.items())] if env else []
+    lines += ["", "## Figures", ""]
+    if figures is None:
+        lines += ["matplotlib is not installed, so no figures were drawn. `pip install matplotlib`, then "
+                  f"`sentiment plot {run}` draws them into `{run / PLOTS_DIR}` and rewrites this report.", ""]
+    for path in figures or []:
+        lines += [f"![{FIGURES.get(path.name, path.stem)}]({PLOTS_DIR}/{path.name})", ""]
+    if config.get("report_to") == "tensorboard":
+        lines += [f"The same scalars are in TensorBoard: `tensorboard --logdir {run / 'tensorboard'}`.", ""]
+    lines += [MISCLASSIFIED, "", *_misclassified_lines(misclassified, model)]
+    lines += ["## Config", "", "```json", json.dumps(config, indent=2), "```", ""]
+    path = run / "report.md"
+    atomic_write(path, lambda f: f.write("\n".join(lines).encode()))
+    return path
 
-    lines += ["## Final metrics", ""]
-    test = results.get("test", {})
+
+def _metrics_lines(results: dict, eval_rows: list[dict], model: str, best: dict | None) -> list[str]:
+    """The test metrics of the model train.py saved, the best val accuracy, every evaluation, the run's totals."""
+    lines, test = ["## Final metrics", ""], results.get("test", {})
     if test:
-        lines += [f"On {test.get('n', '?')} test reviews"
-                  + (" with the best model by validation accuracy" if results.get("best_val_accuracy") is not None
-                     else " with the final model") + ":", "",
+        lines += [f"On {test.get('n', '?')} test reviews with {model}:", "",
                   "| accuracy | F1 (pos) | precision | recall | loss |", "|---|---|---|---|---|",
                   f"| {test['accuracy']:.4f} | {test['f1']:.4f} | {test['precision']:.4f} | {test['recall']:.4f} "
                   f"| {test['loss']:.4f} |", ""]
@@ -244,43 +328,22 @@ def write_report(run_dir: str | Path, misclassified: list[dict], results: dict |
         lines.append(f"- best validation accuracy: {results['best_val_accuracy']:.4f}")
     for row in eval_rows:
         lines.append(f"- epoch {row['epoch']} (step {row['step']}), {row['split']}: accuracy {row['accuracy']:.4f}, "
-                     f"F1 {row['f1']:.4f}, loss {row['loss']:.4f}")
+                     f"F1 {row['f1']:.4f}, loss {row['loss']:.4f}" + (" (selected)" if row is best else ""))
     if results:
         speed = results["samples_per_second"]  # None when a resumed run had no steps left
         lines.append(f"- {results['steps']} optimizer steps, "
                      + (f"{speed:.1f} training samples/s, " if speed is not None else "")
                      + f"{results['runtime_s']:.0f} s in all, peak memory {results['peak_mem_mb']:.0f} MB")
-    lines.append("")
+    return lines + [""]
 
-    lines += ["## Engine decisions", ""]
-    lines += [f"- {d}" for d in results.get("engine", [])] or ["- (no results.json yet)"]
-    env = results.get("environment", {})
-    if env:
-        lines.append("- environment: " + ", ".join(f"{k} {v}" for k, v in env.items()))
-    lines.append("")
 
-    lines += ["## Figures", ""]
-    if importlib.util.find_spec("matplotlib") is None:
-        lines += ["matplotlib is not installed, so no figures were drawn. `pip install matplotlib`, then "
-                  f"`sentiment plot {run}` writes them to `{run / PLOTS_DIR}` and a rerun of training embeds them "
-                  "here.", ""]
-    else:
-        for path in plot_run(run, results):
-            lines += [f"![{FIGURES.get(path.name, path.stem)}]({PLOTS_DIR}/{path.name})", ""]
-    if config.get("report_to") == "tensorboard":
-        lines += [f"The same scalars are in TensorBoard: `tensorboard --logdir {run / 'tensorboard'}`.", ""]
-
-    lines += ["## Misclassified test reviews", ""]
-    if misclassified:
-        lines += [f"The final model's most confidently wrong test predictions (first {TEXT_CHARS} characters):", ""]
-        for i, ex in enumerate(misclassified, 1):
-            text = html.escape(ex["text"]).replace("|", "\\|")
-            lines += [f"{i}. true **{LABEL_NAMES[ex['label']]}**, P(pos) = {ex['p_pos']:.3f}", "",
-                      f"   > {text}", ""]
-    else:
-        lines += ["None: every test review was classified correctly.", ""]
-
-    lines += ["## Config", "", "```json", json.dumps(config, indent=2), "```", ""]
-    path = run / "report.md"
-    atomic_write(path, lambda f: f.write("\n".join(lines).encode()))
-    return path
+def _misclassified_lines(misclassified: list[dict] | None, model: str) -> list[str]:
+    if misclassified is None:
+        return ["Not known: they are picked at the end of training, and this report was redrawn without them.", ""]
+    if not misclassified:
+        return ["None: every test review was classified correctly.", ""]
+    lines = [f"The most confidently wrong test predictions of {model}, first {TEXT_CHARS} characters each:", ""]
+    for i, ex in enumerate(misclassified, 1):
+        text = html.escape(ex["text"]).replace("|", "\\|")  # review text cannot inject HTML or break a table
+        lines += [f"{i}. true **{LABEL_NAMES[ex['label']]}**, P(pos) = {ex['p_pos']:.3f}", "", f"   > {text}", ""]
+    return lines
