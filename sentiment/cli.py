@@ -239,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             from sentiment.commands import predict_command
             predict_command(cfg, args.texts, getattr(args, "input", ""), getattr(args, "output", ""))
         elif command == "plot":
-            from sentiment.report import plot_run
-            for path in plot_run(args.run_dir):
+            from sentiment.report import redraw
+            for path in redraw(args.run_dir):
                 print(path)
     except SentimentError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

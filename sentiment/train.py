@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from sentiment import checkpoint as ckpt
 from sentiment import rundir
+from sentiment.card import model_card
 from sentiment.config import Config
 from sentiment.data import ReviewDataset, Splits, collator, global_batches, load_splits, micro_batches
 from sentiment.engine import Engine, setup_engine
@@ -213,13 +214,16 @@ def finish(cfg: Config, engine: Engine, model, tokenizer, splits: Splits, progre
         test_metrics, test_probs = evaluate(model, splits.test, engine, cfg.eval_batch_size, collate, desc="test")
     results = {"test": test_metrics, "best_val_accuracy": progress.best_accuracy if has_val else None,
                **{k: test_metrics[k] for k in ("accuracy", "f1", "precision", "recall", "loss", "confusion_matrix")},
-               "steps": progress.step,
+               "best_step": progress.best_step if has_val else None, "steps": progress.step,
+               "n_reviews": {"train": len(splits.train), "val": len(splits.val) if has_val else 0,
+                             "test": len(splits.test)},
                "samples_per_second": log.samples_per_second, "train_seconds": log.train_seconds,
                "runtime_s": time.perf_counter() - started, "peak_mem_mb": engine.peak_memory_mb(),
                "engine": list(engine.decisions), "environment": env, "model_dir": str(out / "model")}
     if engine.is_main:
         ckpt.save_model(raw_model, tokenizer, out / "model",
-                        {ckpt.TRAINING_CONFIG: json.dumps(cfg.to_dict(), indent=2) + "\n"})
+                        {ckpt.TRAINING_CONFIG: json.dumps(cfg.to_dict(), indent=2) + "\n",
+                         "README.md": model_card(cfg.to_dict(), results, cfg.model_name_or_path)})
         # report.md: metrics, engine decisions, figures (if matplotlib), the most confidently wrong test reviews
         write_report(out, misclassified(splits.test.texts, splits.test.labels, test_probs), results)
         log.final(results)

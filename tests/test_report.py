@@ -51,16 +51,9 @@ def copy_run(run: Path, dest: Path, names=("metrics.jsonl", "results.json", "con
     return dest
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_plot_script_writes_readable_pngs(finished_run, capsys):
+def test_plot_command_writes_readable_pngs(finished_run, capsys):
     image = pytest.importorskip("matplotlib.image")
-    assert load_script("plot_run").main([str(finished_run)]) == 0
+    assert cli.main(["plot", str(finished_run)]) == 0
     printed = capsys.readouterr().out.split()
     pngs = sorted(p.rsplit("/", 1)[1] for p in printed if p.endswith(".png"))  # redraw adds report.md
     assert pngs == sorted(FIGURES)  # val and results exist: every figure
@@ -140,6 +133,10 @@ def test_tensorboard_scalars_read_back(finished_run):
     accuracy = events.Scalars("val/accuracy")
     assert [e.value for e in accuracy] == pytest.approx([r["accuracy"] for r in rows if r.get("split") == "val"])
     assert {"train/lr", "train/grad_norm", "train/tokens_per_s"} <= set(events.Tags()["scalars"])
+    results = json.loads((finished_run / "results.json").read_text())
+    for name in ("accuracy", "f1", "loss"):  # the final test metrics, written with the config as hparams
+        assert [e.value for e in events.Scalars(f"test/{name}")] == pytest.approx([results[name]])
+    assert "config/text_summary" in events.Tags()["tensors"]
 
 
 # ----------------------------------------------------------------------------- the figures' axes
