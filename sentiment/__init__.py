@@ -19,7 +19,7 @@ names stay importable (`from sentiment.train import run`).
 
 __version__ = "0.1.0"
 
-from sentiment.commands import evaluate_saved as evaluate  # noqa: E402
+from sentiment.commands import evaluate_model as evaluate  # noqa: E402
 from sentiment.commands import predict  # noqa: E402
 from sentiment.config import Config  # noqa: E402
 from sentiment.train import train  # noqa: E402

@@ -233,11 +233,11 @@ def main(argv: list[str] | None = None) -> int:
             from sentiment.train import train
             train(cfg)
         elif command == "evaluate":
-            from sentiment.commands import evaluate_saved
-            evaluate_saved(cfg, getattr(args, "output", ""))
+            from sentiment.commands import evaluate_command
+            evaluate_command(cfg, args.output)
         elif command == "predict":
             from sentiment.commands import predict_command
-            predict_command(cfg, args.texts, getattr(args, "input", ""), getattr(args, "output", ""))
+            predict_command(cfg, args.texts, args.input, args.output)
         elif command == "plot":
             from sentiment.report import redraw
             for path in redraw(args.run_dir):

@@ -7,6 +7,7 @@ Results go to stdout or a file; what the run says about itself goes to the `sent
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -68,52 +69,69 @@ def refuse_to_replace(output: str, cfg: Config) -> None:
         raise ConfigError(f"{output} exists; pass another --output, or --overwrite true to replace it")
 
 
-def evaluate_saved(cfg: Config, output: str = "") -> dict:
-    """`sentiment evaluate`: metrics of the trained model on the configured test data, printed as JSON on stdout
-    and written to `output` (a JSON file) if given."""
+@contextlib.contextmanager
+def inference_engine(cfg: Config):
+    """The engine for evaluate/predict: messages on stderr unless logging is configured, closed however it ends."""
     console("stderr", replace=False)
-    refuse_to_replace(output, cfg)
     engine = setup_engine(cfg.device, cfg.precision, cfg.seed, cfg.keep_freed_memory)
     quiet_libraries(engine.is_main)
     try:
-        cfg, model, tokenizer, collate = load_for_inference(cfg, engine)
-        test = tokenize(take(read_split(cfg, "test"), cfg.n_test, cfg.seed, "n_test"), tokenizer,
-                        cfg.max_length, cfg.truncation)
-        start = time.perf_counter()
-        metrics, _ = evaluate(model, test, engine, cfg.eval_batch_size, collate, desc="test")
-        metrics["reviews_per_second"] = len(test) / (time.perf_counter() - start)
-        if engine.is_main:
-            text = json.dumps(metrics, indent=2) + "\n"
-            sys.stdout.write(text)
-            if output:
-                atomic_write(Path(output), lambda f: f.write(text.encode()))
-                LOG.info(f"metrics written to {output}")
-        return metrics
+        yield engine
     finally:
         engine.close()
 
 
-def predict(cfg: Config, texts: list[str]) -> list[dict]:
-    """{"label", "prob_neg", "prob_pos"} for each text, in order: the Python API of `sentiment predict`."""
+def evaluate_on(cfg: Config, engine: Engine) -> dict:
+    """The metrics of the trained model at cfg.model_name_or_path on the configured test data."""
+    cfg, model, tokenizer, collate = load_for_inference(cfg, engine)
+    test = tokenize(take(read_split(cfg, "test"), cfg.n_test, cfg.seed, "n_test"), tokenizer, cfg.max_length,
+                    cfg.truncation)
+    start = time.perf_counter()
+    metrics, _ = evaluate(model, test, engine, cfg.eval_batch_size, collate, desc="test")
+    metrics["reviews_per_second"] = len(test) / (time.perf_counter() - start)
+    return metrics
+
+
+def predict_on(cfg: Config, engine: Engine, texts: list[str]) -> list[dict]:
+    """{"label", "prob_neg", "prob_pos"} for each text, in order."""
     if not texts:
         raise DataError("predict got no texts; pass review texts, or --input FILE with a `text` column")
     empty = next((i for i, t in enumerate(texts) if not t.strip()), None)
     if empty is not None:
         raise DataError(f"text {empty + 1} of {len(texts)} is empty; remove it or give it a review")
-    console("stderr", replace=False)
-    engine = setup_engine(cfg.device, cfg.precision, cfg.seed, cfg.keep_freed_memory)
-    quiet_libraries(engine.is_main)
-    try:
-        import datasets  # here, not at the top: the CLI decides hub-offline before datasets is imported
+    import datasets  # here, not at the top: the CLI decides hub-offline before datasets is imported
 
-        cfg, model, tokenizer, collate = load_for_inference(cfg, engine)
-        split = tokenize(datasets.Dataset.from_dict({"text": texts, "label": [0] * len(texts)}),
-                         tokenizer, cfg.max_length, cfg.truncation)
-        probs, _ = predict_probs(model, split, engine, cfg.eval_batch_size, collate, desc="predict")
-        return [{"label": LABEL_NAMES[int(p.argmax())], "prob_neg": float(p[0]), "prob_pos": float(p[1])}
-                for p in probs]
-    finally:
-        engine.close()
+    cfg, model, tokenizer, collate = load_for_inference(cfg, engine)
+    split = tokenize(datasets.Dataset.from_dict({"text": texts, "label": [0] * len(texts)}), tokenizer,
+                     cfg.max_length, cfg.truncation)
+    probs, _ = predict_probs(model, split, engine, cfg.eval_batch_size, collate, desc="predict")
+    return [{"label": LABEL_NAMES[int(p.argmax())], "prob_neg": float(p[0]), "prob_pos": float(p[1])} for p in probs]
+
+
+def evaluate_model(cfg: Config) -> dict:
+    """The Python API of `sentiment evaluate`: the metrics dict."""
+    with inference_engine(cfg) as engine:
+        return evaluate_on(cfg, engine)
+
+
+def predict(cfg: Config, texts: list[str]) -> list[dict]:
+    """The Python API of `sentiment predict`: {"label", "prob_neg", "prob_pos"} for each text, in order."""
+    with inference_engine(cfg) as engine:
+        return predict_on(cfg, engine, texts)
+
+
+def evaluate_command(cfg: Config, output: str = "") -> dict:
+    """`sentiment evaluate`: the metrics as JSON on stdout, and in `output` (a JSON file) if given (rank 0)."""
+    refuse_to_replace(output, cfg)
+    with inference_engine(cfg) as engine:
+        metrics = evaluate_on(cfg, engine)
+        text = json.dumps(metrics, indent=2) + "\n"
+        if engine.is_main:
+            sys.stdout.write(text)
+            if output:
+                atomic_write(Path(output), lambda f: f.write(text.encode()))
+                LOG.info(f"metrics written to {output}")
+    return metrics
 
 
 def read_texts(source: str) -> list[str]:
@@ -145,16 +163,17 @@ def format_predictions(rows: list[dict], path: str) -> str:
 
 def predict_command(cfg: Config, texts: list[str], input: str = "", output: str = "") -> list[dict]:
     """`sentiment predict`: texts from the arguments or --input; a TSV line per review on stdout (label,
-    probability of that label, the text's start), or --output FILE (.jsonl or .csv)."""
+    probability of that label, the text's start), or --output FILE (.jsonl or .csv); rank 0 writes."""
     if bool(texts) == bool(input):
         raise ConfigError("predict takes review texts as arguments or --input FILE (- for stdin), not both or neither")
     refuse_to_replace(output, cfg)
     texts = texts or read_texts(input)
-    rows = predict(cfg, texts)
-    if output:
-        atomic_write(Path(output), lambda f: f.write(format_predictions(rows, output).encode()))
-        LOG.info(f"{len(rows)} predictions written to {output}")
-    else:
-        for row, text in zip(rows, texts):
-            sys.stdout.write(f"{row['label']}\t{max(row['prob_neg'], row['prob_pos']):.4f}\t{text[:80]}\n")
+    with inference_engine(cfg) as engine:
+        rows = predict_on(cfg, engine, texts)
+        if engine.is_main and output:
+            atomic_write(Path(output), lambda f: f.write(format_predictions(rows, output).encode()))
+            LOG.info(f"{len(rows)} predictions written to {output}")
+        elif engine.is_main:
+            for row, text in zip(rows, texts):
+                sys.stdout.write(f"{row['label']}\t{max(row['prob_neg'], row['prob_pos']):.4f}\t{text[:80]}\n")
     return rows

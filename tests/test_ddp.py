@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from sentiment.config import Config
 from sentiment.data import eval_batches
-from sentiment.commands import evaluate_saved
+from sentiment.commands import evaluate_model
 from sentiment.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,7 +162,7 @@ def test_ddp_evaluation_counts_each_example_once_and_matches_one_process(ddp_run
     torch.set_num_threads(ddp_threads())
     try:
         saved = str(ddp_run["run"] / "model")
-        one = evaluate_saved(Config(**settings(*tiny_dirs, "unused", model_name_or_path=saved)))
+        one = evaluate_model(Config(**settings(*tiny_dirs, "unused", model_name_or_path=saved)))
     finally:
         torch.set_num_threads(threads)
     one.pop("reviews_per_second")
@@ -179,7 +179,7 @@ def test_evaluate_command_on_two_processes_where_one_has_no_batch(tiny_dirs, tmp
     threads = torch.get_num_threads()
     torch.set_num_threads(ddp_threads())
     try:
-        one = evaluate_saved(Config(**{k: str(v) if isinstance(v, Path) else v for k, v in values.items()}))
+        one = evaluate_model(Config(**{k: str(v) if isinstance(v, Path) else v for k, v in values.items()}))
     finally:
         torch.set_num_threads(threads)
     for metrics in (one, two):
