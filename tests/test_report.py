@@ -5,10 +5,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_script, read_metrics
 
 from sentiment import cli
 from sentiment import report as report_module
@@ -17,7 +17,6 @@ from sentiment.errors import ConfigError
 from sentiment.report import FIGURES, misclassified, plot_run, write_report
 from sentiment.train import train
 
-REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -30,13 +29,6 @@ def finished_run(tiny_dirs, tmp_path_factory):
                  epochs=2, micro_batch_size=8, lr=3e-3, warmup_ratio=0.2, val_fraction=0.25, device="cpu",
                  precision="fp32", output_dir=str(out), log_every=0, report_to="tensorboard"))
     return out
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_plot_script_writes_readable_pngs(finished_run, capsys):
@@ -112,11 +104,10 @@ def test_tensorboard_scalars_read_back(finished_run):
     assert list((finished_run / "tensorboard").glob("events.out.tfevents.*"))
     events = EventAccumulator(str(finished_run / "tensorboard"))
     events.Reload()
-    rows = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
-    train_rows = [r for r in rows if "split" not in r]
+    train_rows, eval_rows = read_metrics(finished_run)
     loss = events.Scalars("train/loss")
     assert [e.step for e in loss] == [r["step"] for r in train_rows]
     assert [e.value for e in loss] == pytest.approx([r["loss"] for r in train_rows], rel=1e-6)
     accuracy = events.Scalars("val/accuracy")
-    assert [e.value for e in accuracy] == pytest.approx([r["accuracy"] for r in rows if r.get("split") == "val"])
+    assert [e.value for e in accuracy] == pytest.approx([r["accuracy"] for r in eval_rows if r["split"] == "val"])
     assert {"train/lr", "train/grad_norm", "train/tokens_per_s"} <= set(events.Tags()["scalars"])
