@@ -1,27 +1,14 @@
-"""scripts/benchmark.py and scripts/trainer_tutorial.py helpers, and the CPU allocator decision (issue 3).
-The benchmark itself is a script, not a timed test: `python scripts/benchmark.py --quick` validates it."""
+"""scripts/benchmark.py and scripts/trainer_tutorial.py helpers (issue 3; the CPU allocator decision is in
+test_malloc.py). The benchmark itself is a script, not a timed test: `python scripts/benchmark.py --quick`
+validates it."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-from sentiment.engine import setup_engine
-from sentiment.malloc import keep_freed_memory
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_script
 
 
 def test_contenders_parse_and_trainers_never_run_auto():
@@ -70,29 +57,6 @@ def test_counting_collator_counts_only_while_active():
     counter.active = True
     counter([[1, 1, 1, 0], [1, 0, 0, 0]])
     assert (counter.real_tokens, counter.padded_tokens) == (4, 8)
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
-def test_cpu_engine_keeps_freed_memory(capsys):
-    assert keep_freed_memory() in (True, False)  # False on a non-glibc Linux (musl)
-    engine = setup_engine(device="cpu", precision="fp32", seed=0)
-    if keep_freed_memory():
-        assert any(d.startswith("malloc=keep freed memory") for d in engine.decisions)
-        assert "engine: malloc=keep freed memory" in capsys.readouterr().out
-    big = torch.ones(64, 1024, 1024)  # 256 MB, over malloc's default mmap threshold: still works
-    assert float(big.sum()) == 64 * 1024 * 1024
-
-
-def test_malloc_left_alone_when_the_environment_chose(monkeypatch, capsys):
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    monkeypatch.delenv("LD_PRELOAD", raising=False)
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")  # the opt-out the decision line names
-    engine = setup_engine(device="cpu", precision="fp32", seed=0)
-    assert "malloc=as the environment sets it (MALLOC_TRIM_THRESHOLD_=131072)" in engine.decisions
-    assert not any(d.startswith("malloc=keep") for d in engine.decisions)
-    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
-    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
-    assert "LD_PRELOAD" in setup_engine(device="cpu", precision="fp32", seed=0).decisions[-1]
 
 
 def test_inference_ceiling_counts_the_encoder_linears_on_the_real_tokens(tiny_dirs):

@@ -13,7 +13,6 @@ import pytest
 from sentiment import cli
 from sentiment.cli import ABOUT, COMMAND_FIELDS, EVALUATE_FIELDS, PREDICT_FIELDS, TRAINER_NAMES, main, parse
 from sentiment.config import Config, field_docs
-from sentiment.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = [f.name for f in fields(Config)]

@@ -1,12 +1,10 @@
 """data.py: reading, label checks, subsets, the validation split, truncation, tokenization, batching, collate."""
 
-import json
-
 import datasets
 import numpy as np
-import pandas as pd
 import pytest
 import torch
+from conftest import ROWS, write_rows
 
 from sentiment.config import Config
 from sentiment.data import (Collator, ReviewDataset, collator, eval_batches, global_batches, load_splits,
@@ -246,20 +244,6 @@ def test_eval_batches_cover_each_index_once_across_ranks(n, batch_size, world):
 
 
 # ----------------------------------------------------------------------------- reading
-
-
-ROWS = [{"text": f"review number {i} was {'great' if i % 2 else 'bad'}", "label": i % 2} for i in range(10)]
-
-
-def write_rows(path, rows):
-    df = pd.DataFrame(rows)
-    if path.suffix == ".parquet":
-        df.to_parquet(path)
-    elif path.suffix == ".csv":
-        df.to_csv(path, index=False)
-    else:
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.mark.parametrize("suffix", [".parquet", ".csv", ".jsonl"])

@@ -21,14 +21,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from conftest import REPO, cli_args, read_metrics, saved_weights, subprocess_env
 
 from sentiment.config import Config
 from sentiment.data import eval_batches
 from sentiment.commands import evaluate_model
 from sentiment.train import train
 
-REPO = Path(__file__).resolve().parents[1]
 N_TEST = 47  # odd: not divisible by the world size nor by the eval batch
 
 
@@ -39,15 +38,10 @@ def settings(model_dir: Path, data_dir: Path, output_dir: Path, **overrides) -> 
     return {**values, **overrides}
 
 
-def cli_args(values: dict) -> list[str]:
-    return [arg for key, value in values.items() for arg in (f"--{key}", str(value))]
-
-
 def torchrun(args: list[str], timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node=2 ARGS`; a hang fails the test instead of blocking it
     (the launcher and its workers are killed as one process group)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONUNBUFFERED": "1", **kwargs.pop("env", {})}
+    env = subprocess_env(**kwargs.pop("env", {}))  # OMP_NUM_THREADS=1 as torchrun sets; the engine splits the cores
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True, **kwargs)
@@ -126,15 +120,10 @@ def single_runs(tiny_dirs, tmp_path_factory) -> dict[str, Path]:
     return runs
 
 
-def train_rows(run: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "split" not in r]
-
-
 def test_two_processes_match_one_process_and_accumulation(ddp_run, single_runs):
     runs = {**single_runs, "c": ddp_run["run"]}
-    weights = {name: load_file(str(run / "model" / "model.safetensors")) for name, run in runs.items()}
-    rows = {name: train_rows(run) for name, run in runs.items()}
+    weights = {name: saved_weights(run) for name, run in runs.items()}
+    rows = {name: read_metrics(run)[0] for name, run in runs.items()}
     assert [r["step"] for r in rows["a"]] == list(range(1, 13))  # ceil(81 / 16) = 6 steps x 2 epochs
     for name in ("b", "c"):
         assert weights[name].keys() == weights["a"].keys()

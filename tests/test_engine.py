@@ -1,6 +1,8 @@
 """engine.py on CPU: fp32 and bf16, autocast, the decisions it prints, and what it refuses."""
 
 import random
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,7 +124,16 @@ def test_single_process_helpers_are_pass_throughs():
     assert engine.any_rank(True) and not engine.any_rank(False)
     loss = torch.tensor(0.25)
     assert engine.sum_over_ranks(loss) is loss  # one process: no DDP average to undo
-    assert engine.peak_memory_mb() > 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_cpu_peak_memory_is_the_peak_resident_set_in_mb():
+    """On CPU, peak memory is this process's peak RSS in MB: the kernel's VmHWM (in kB), as /proc reports it."""
+    engine = Engine(device=torch.device("cpu"), precision="fp32")
+    peak = engine.peak_memory_mb()
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    high_water = int(status["VmHWM"].split()[0]) / 1024  # "VmHWM:  220000 kB"
+    assert peak == pytest.approx(high_water, rel=0.01, abs=2)
 
 
 def test_print_only_on_rank_zero(capsys):

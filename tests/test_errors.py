@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import snapshot, subprocess_env, write
 
 from sentiment.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
 # a whole tqdm redraw from a library ("Loading weights: 100%|####| 41/41 [00:00<00:00, 9.1it/s]",
 # "Generating train split: 2 examples [00:00, 9.5 examples/s]"): a progress bar, not a message
 PROGRESS = re.compile(r"[\w .-]*: *(\d+%\|[^|]*\| *)?\d+(/\d+)?( \w+)? \[[^\]]*\]")
@@ -36,12 +36,6 @@ def error_line(stderr: str) -> str:
 
 
 # ----------------------------------------------------------------------------- files to feed it
-
-
-def write(path: Path, content: str | bytes) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
-    return str(path)
 
 
 def jsonl(rows) -> str:
@@ -173,10 +167,6 @@ def make_existing_run(out: Path) -> dict[str, bytes]:
     write(out / "checkpoints" / "step_0000001.pt", b"old checkpoint bytes")
     write(out / "notes.txt", "the user's own file")
     return snapshot(out)
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 # ----------------------------------------------------------------------------- the table
@@ -405,11 +395,9 @@ def test_bad_evaluate_and_predict_input(argv, pattern, files, capsys):
     (["--train_file", "{latin1_csv}", "--test_file", "{good_test}"], r"not UTF-8"),
 ], ids=["unknown_flag", "non_utf8_csv"])
 def test_python_m_sentiment_exits_nonzero_with_one_line(args, pattern, files, tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO),
-           "OMP_NUM_THREADS": "1"}
     argv = [sys.executable, "-m", "sentiment", "train", "--model_name_or_path", files["model"], "--device", "cpu",
             "--max_length", "64", "--output_dir", str(tmp_path / "run"), *[a.format(**files) for a in args]]
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(argv, capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path, timeout=120)
     assert proc.returncode != 0
     assert re.search(pattern, error_line(proc.stderr))
     assert not (tmp_path / "run" / "config.json").exists()

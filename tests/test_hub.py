@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO, subprocess_env
 
 from sentiment import hub
 from sentiment.config import Config
 
-REPO = Path(__file__).resolve().parents[1]
 # what would skip the lookup (conftest sets HF_HUB_OFFLINE for the other tests) or point it elsewhere
 HUB_SWITCHES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy",
                 "HF_ENDPOINT")
@@ -30,7 +30,7 @@ def online_env(monkeypatch):
 def sentiment_without_hub(args: list[str], hf_home: Path) -> subprocess.CompletedProcess:
     """`python -m sentiment ARGS` where the hub's host never resolves (.invalid, RFC 2606): the same
     as an air-gapped node, on any machine; HF_HOME is the Hugging Face cache it may use."""
-    env = {k: v for k, v in os.environ.items() if k not in HUB_SWITCHES}
+    env = {k: v for k, v in subprocess_env().items() if k not in HUB_SWITCHES}
     env.update(HF_ENDPOINT="https://hub.invalid", HF_HOME=str(hf_home))
     return subprocess.run([sys.executable, "-m", "sentiment", *args], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=120)

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, subprocess_env
 
 
 def test_tiny_parity_with_trainer(tmp_path):
@@ -20,7 +17,7 @@ def test_tiny_parity_with_trainer(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=600,
                           # one thread: a 2-layer model gains nothing from more, and on a busy machine
                           # spinning OpenMP threads made this 3-8x slower; both sides share it, so parity holds
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env=subprocess_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads(out.read_text())
     assert summary["steps"] >= 20 and summary["steps_match"]

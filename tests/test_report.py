@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import read_metrics
 
 from sentiment import cli
 from sentiment import report as report_module
@@ -18,7 +19,6 @@ from sentiment.report import (FIGURES, best_eval, epoch_ends, misclassified, plo
                               redraw, write_report)
 from sentiment.train import train
 
-REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -125,13 +125,12 @@ def test_tensorboard_scalars_read_back(finished_run):
     assert list((finished_run / "tensorboard").glob("events.out.tfevents.*"))
     events = EventAccumulator(str(finished_run / "tensorboard"))
     events.Reload()
-    rows = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
-    train_rows = [r for r in rows if "split" not in r]
+    train_rows, eval_rows = read_metrics(finished_run)
     loss = events.Scalars("train/loss")
     assert [e.step for e in loss] == [r["step"] for r in train_rows]
     assert [e.value for e in loss] == pytest.approx([r["loss"] for r in train_rows], rel=1e-6)
     accuracy = events.Scalars("val/accuracy")
-    assert [e.value for e in accuracy] == pytest.approx([r["accuracy"] for r in rows if r.get("split") == "val"])
+    assert [e.value for e in accuracy] == pytest.approx([r["accuracy"] for r in eval_rows if r["split"] == "val"])
     assert {"train/lr", "train/grad_norm", "train/tokens_per_s"} <= set(events.Tags()["scalars"])
     results = json.loads((finished_run / "results.json").read_text())
     for name in ("accuracy", "f1", "loss"):  # the final test metrics, written with the config as hparams

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,16 +23,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from conftest import (REPO, cli_args, last_step, metrics_rows, read_metrics, saved_weights, sigterm_at_step,
+                      subprocess_env)
+from safetensors.torch import load_file, save_file
 
 from sentiment import checkpoint as ckpt
-from sentiment import train as train_module
 from sentiment.config import Config
 from sentiment.errors import ConfigError, TrainingError
-from sentiment.tiny import make_reviews, write_jsonl
+from sentiment.model import load_model
+from sentiment.tiny import make_reviews, make_tokenizer, write_jsonl
 from sentiment.train import train
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def is_timing(key: str) -> bool:
@@ -49,26 +50,17 @@ def settings(model_dir: Path, data_dir: Path, output_dir: Path) -> dict:
                 output_dir=str(output_dir), log_every=0)  # dropout: the model's own (0.1)
 
 
-def cli_args(values: dict) -> list[str]:
-    return [arg for key, value in values.items() for arg in (f"--{key}", str(value))]
-
-
 # ----------------------------------------------------------------------------- comparing runs
 
 
 def rows(run: Path) -> list[dict]:
     """metrics.jsonl without the timing fields (which differ between any two runs)."""
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if not is_timing(k)} for line in lines]
-
-
-def weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "model" / "model.safetensors"))
+    return [{k: v for k, v in row.items() if not is_timing(k)} for row in metrics_rows(run)]
 
 
 def assert_same_run(run: Path, reference: Path) -> None:
     """Bitwise: the final weights, every metrics row (loss, lr, grad_norm, eval metrics) and the results."""
-    got, want = weights(run), weights(reference)
+    got, want = saved_weights(run), saved_weights(reference)
     assert got.keys() == want.keys()
     differing = [k for k in want if not torch.equal(got[k], want[k])]
     assert not differing, f"weights differ from the uninterrupted run: {differing[:5]}"
@@ -88,32 +80,12 @@ def assert_same_run(run: Path, reference: Path) -> None:
 # ----------------------------------------------------------------------------- subprocess runs
 
 
-def env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-
-
 def start(values: dict, log: Path, program: list[str] | None = None, **extra_env: str) -> subprocess.Popen:
     """`python -m sentiment train` (or `program`) in the background, output to `log`."""
     program = program or ["-m", "sentiment", "train"]
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, *program, *cli_args(values)], cwd=REPO,
-                                env={**env(), **extra_env}, stdout=out, stderr=subprocess.STDOUT)
-
-
-def last_step(run: Path) -> int:
-    """The highest step in metrics.jsonl so far (0 before the first row; a half-written row is ignored)."""
-    try:
-        lines = (run / "metrics.jsonl").read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    steps = [0]
-    for line in lines:
-        try:
-            steps.append(json.loads(line)["step"])
-        except (json.JSONDecodeError, KeyError):
-            pass
-    return max(steps)
+                                env=subprocess_env(**extra_env), stdout=out, stderr=subprocess.STDOUT)
 
 
 def signal_at_step(proc: subprocess.Popen, run: Path, step: int, sig: int, log: Path) -> None:
@@ -234,29 +206,21 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_checkpoint(ref
 # ----------------------------------------------------------------------------- in-process
 
 
-def stop_after(monkeypatch, step: int) -> None:
-    """SIGTERM this process during optimizer step `step` (1-based), as a scheduler would."""
-    lr_at = train_module.lr_at
-
-    def lr_then_signal(i: int, *args) -> float:
-        if i + 1 == step:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return lr_at(i, *args)
-
-    monkeypatch.setattr(train_module, "lr_at", lr_then_signal)
-
-
-@pytest.mark.parametrize("stop_at", [TOTAL_STEPS // 2, 8], ids=["half-mid-epoch", "epoch-end"])
-def test_n_steps_equal_half_then_resume_then_half(stop_at, reference, tiny_dirs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("signal_at", [TOTAL_STEPS // 2, 8], ids=["mid-epoch", "epoch-end"])
+def test_sigterm_in_process_checkpoints_the_step_it_stops_at_and_resumes_bitwise(signal_at, reference, tiny_dirs,
+                                                                                  tmp_path, capsys):
+    """A real SIGTERM, sent from another thread once metrics.jsonl shows step `signal_at`: the run finishes the
+    step it is in, checkpoints it (the only checkpoint: keep_last 1), exits 143 without saving a model, and a
+    resume finishes as the uninterrupted run did. At step 8 the signal normally lands during the epoch's
+    evaluation, before the run decides whether to stop: the stop and the epoch-end checkpoint coincide."""
     run = tmp_path / "run"
     cfg = Config(**settings(*tiny_dirs, run))
-    with monkeypatch.context() as patch:
-        stop_after(patch, stop_at)
-        with pytest.raises(SystemExit) as stopped:
-            train(cfg)
-    assert stopped.value.code == 143
-    assert [p.name for p in ckpt.checkpoint_paths(run / "checkpoints")] == [f"step_{stop_at:07d}.pt"]
-    assert last_step(run) == stop_at and not (run / "model").exists()
+    assert sigterm_at_step(run, signal_at, lambda: train(cfg)) == 143
+    stopped = last_step(run)
+    assert stopped in (signal_at, signal_at + 1), f"SIGTERM after step {signal_at}, stopped after step {stopped}"
+    assert [p.name for p in ckpt.checkpoint_paths(run / "checkpoints")] == [f"step_{stopped:07d}.pt"]
+    assert f"stopped by SIGTERM after step {stopped}; checkpoint written." in capsys.readouterr().out
+    assert not (run / "model").exists()
 
     train(Config(**{**settings(*tiny_dirs, run), "resume": "auto"}))
     assert_same_run(run, reference[1])
@@ -282,66 +246,81 @@ def test_resume_with_a_changed_lr_is_refused_and_names_the_field(tiny_config):
 # ----------------------------------------------------------------------------- non-finite steps
 
 
-def nan_logits_at(monkeypatch, bad_steps) -> list[dict[str, torch.Tensor]]:
-    """Make the logits NaN in the training forward of each optimizer step in `bad_steps` (1-based;
-    one micro-batch per step). Returns the weights seen at each training forward, i.e. before step i+1."""
-    load_model = train_module.load_model
-    before_step: list[dict[str, torch.Tensor]] = []
+EMBEDDINGS, MASK = "bert.embeddings.word_embeddings.weight", make_tokenizer().mask_token_id
 
-    def load_poisoned(name: str, dropout: float = -1.0, gradient_checkpointing: bool = False):
-        model = load_model(name, dropout, gradient_checkpointing)
 
-        def poison(module, args, logits):
-            if not module.training:  # evaluation forwards stay clean
-                return None
-            before_step.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-            return logits * math.nan if len(before_step) in bad_steps else None
-
-        model.classifier.register_forward_hook(poison)
-        return model
-
-    monkeypatch.setattr(train_module, "load_model", load_poisoned)
-    return before_step
+def inputs_with_nan_steps(tiny_dirs, folder: Path, bad_steps: set[int]) -> dict:
+    """Config values for a run whose optimizer steps in `bad_steps` (1-based) have a NaN loss, from its inputs
+    alone: a copy of the tiny model whose [MASK] embedding row is inf (as a corrupt file could leave it), and
+    64 training reviews read in file order (no shuffling, no length grouping: step k reads reviews 8k-8..8k-1)
+    where one review of each bad step contains "[MASK]". Attention spreads the inf through that review to its
+    logits; no other review reads the row, so every other step is finite and gives the row a zero gradient."""
+    model_dir, data_dir = tiny_dirs
+    shutil.copytree(model_dir, folder / "model")
+    weights = load_file(str(folder / "model" / "model.safetensors"))
+    weights[EMBEDDINGS][MASK] = math.inf
+    save_file(weights, str(folder / "model" / "model.safetensors"), metadata={"format": "pt"})
+    reviews = make_reviews(64)
+    for step in bad_steps:
+        reviews[8 * step - 5]["text"] = "[MASK] " + reviews[8 * step - 5]["text"]  # first: never truncated
+    write_jsonl(folder / "data" / "train.jsonl", reviews)
+    shutil.copy(data_dir / "test.jsonl", folder / "data" / "test.jsonl")  # no [MASK]: evaluation stays finite
+    return dict(model_name_or_path=str(folder / "model"), data_dir=str(folder / "data"), n_train=0, n_test=0,
+                shuffle=False, group_by_length=False, epochs=1, micro_batch_size=8)
 
 
 def same_weights(a: dict, b: dict) -> bool:
-    return all(torch.equal(a[k], b[k]) for k in a)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_nan_loss_skips_the_step_and_logs_it(tiny_config, monkeypatch, capsys):
-    before_step = nan_logits_at(monkeypatch, {3, 4})
-    cfg = tiny_config(epochs=1, n_train=64)
+def test_a_nan_loss_skips_the_step_and_logs_it(tiny_dirs, tiny_config, tmp_path, capsys):
+    """Steps 3 and 4 have a NaN loss: each is logged (row and line, even with log_every 0) and skipped, leaving
+    the weights and AdamW's state exactly as they were; step 5 is clean again and the count of bad steps resets."""
+    cfg = tiny_config(**inputs_with_nan_steps(tiny_dirs, tmp_path, {3, 4}), save_every=1, keep_last=8)
     results = train(cfg)
-    assert len(before_step) == 8
-    assert not same_weights(before_step[1], before_step[2])  # step 2 updated the weights
-    assert same_weights(before_step[2], before_step[3])  # step 3 skipped: nothing moved
-    assert same_weights(before_step[3], before_step[4])  # step 4 skipped
-    assert not same_weights(before_step[4], before_step[5])  # step 5 is clean again
-    train_rows = [r for r in rows(Path(cfg.output_dir)) if "split" not in r]
+    out = Path(cfg.output_dir)
+    train_rows = read_metrics(out)[0]
     assert [r["step"] for r in train_rows if r["skipped"]] == [3, 4]
     assert all(math.isnan(r["loss"]) for r in train_rows if r["skipped"])
-    assert all(math.isfinite(r["loss"]) for r in train_rows if not r["skipped"])
-    out = capsys.readouterr().out
-    assert "step 3/8 |" in out and "step 4/8 |" in out and out.count("SKIPPED (non-finite)") == 2
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in train_rows if not r["skipped"])
+    printed = capsys.readouterr().out
+    assert "step 3/8 |" in printed and "step 4/8 |" in printed and printed.count("SKIPPED (non-finite)") == 2
+
+    # a checkpoint after every step: the state before and after each one
+    states = [ckpt.load_checkpoint(ckpt.checkpoint_path(out, step)) for step in range(1, 9)]
+    before = [load_model(cfg.model_name_or_path).state_dict()] + [s["model"] for s in states[:-1]]
+    moved = [not same_weights(b, s["model"]) for b, s in zip(before, states)]
+    assert moved == [True, True, False, False, True, True, True, True]
+    assert [int(s["optimizer"]["state"][0]["step"]) for s in states] == [1, 2, 2, 2, 3, 4, 5, 6]  # AdamW's updates
+    assert [s["bad_steps"] for s in states] == [0, 0, 1, 2, 0, 0, 0, 0]  # consecutive: a clean step resets it
+
     assert math.isfinite(results["loss"])
-    assert all(torch.isfinite(w).all() for w in weights(Path(cfg.output_dir)).values())
+    final = saved_weights(out)  # no update wrote a non-finite number: the inf row is the one given, untouched
+    assert [k for k, w in final.items() if not torch.isfinite(w).all()] == [EMBEDDINGS]
+    assert torch.isinf(final[EMBEDDINGS][MASK]).all()
+    assert torch.isfinite(final[EMBEDDINGS][torch.arange(len(final[EMBEDDINGS])) != MASK]).all()
 
 
-def test_repeated_nans_stop_the_run_with_the_last_good_checkpoint_intact(tiny_config, monkeypatch):
-    before_step = nan_logits_at(monkeypatch, set(range(5, 100)))
-    cfg = tiny_config(epochs=1, n_train=64, max_bad_steps=3, save_every=2)
-    with pytest.raises(TrainingError, match=r"3 consecutive steps had a non-finite loss or gradient "
-                                            r"\(last at step 7\); the newest checkpoint, .*step_0000006\.pt, is intact"):
+def test_repeated_nans_stop_the_run_with_the_last_good_checkpoint_intact(tiny_config):
+    """lr 1e8 without clipping: AdamW's first update moves every weight by about the lr, and from step 2 on
+    every gradient overflows. Three non-finite steps in a row (max_bad_steps) stop the run with one error
+    naming the newest checkpoint, which holds the last good weights (those after step 1) and loads."""
+    cfg = tiny_config(epochs=1, n_train=64, lr=1e8, max_grad_norm=0.0, max_bad_steps=3, save_every=1, keep_last=3)
+    with pytest.raises(TrainingError, match=r"^3 consecutive steps had a non-finite loss or gradient \(last at "
+                                            r"step 4\); the newest checkpoint, .*step_0000003\.pt, is intact\. "
+                                            r"Lower --lr"):
         train(cfg)
     out = Path(cfg.output_dir)
-    assert [r["step"] for r in rows(out) if r["skipped"]] == [5, 6, 7]
-    [newest] = ckpt.checkpoint_paths(out / "checkpoints")
-    assert newest.name == "step_0000006.pt"  # step 7 raised before its (unscheduled) checkpoint
-    state = ckpt.load_checkpoint(newest)
-    assert all(torch.isfinite(v).all() for v in state["model"].values())
-    assert same_weights(state["model"], before_step[4])  # the weights after step 4, the last good update
-    model = train_module.load_model(cfg.model_name_or_path)
-    model.load_state_dict(state["model"])  # loadable as it is
+    assert [r["step"] for r in read_metrics(out)[0] if r["skipped"]] == [2, 3, 4]
+    # step 4 raised before its checkpoint
+    assert [p.name for p in ckpt.checkpoint_paths(out / "checkpoints")] == [
+        "step_0000003.pt", "step_0000002.pt", "step_0000001.pt"]
+    newest, after_step_1 = (ckpt.load_checkpoint(ckpt.checkpoint_path(out, step))["model"] for step in (3, 1))
+    assert all(torch.isfinite(w).all() for w in newest.values())
+    assert same_weights(newest, after_step_1)  # the skipped steps 2 and 3 changed nothing
+    model = load_model(cfg.model_name_or_path)
+    assert not same_weights(after_step_1, model.state_dict())  # step 1 did update them
+    model.load_state_dict(newest)  # loadable as it is
 
 
 # ----------------------------------------------------------------------------- signals to the whole group, disks
@@ -353,7 +332,7 @@ def test_sigterm_to_the_process_group_with_dataloader_workers_checkpoints_and_re
     run, log = tmp_path / "run", tmp_path / "log.txt"
     values = {**values, "output_dir": run, "num_workers": 2}
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "sentiment", "train", *cli_args(values)], cwd=REPO, env=env(),
+        proc = subprocess.Popen([sys.executable, "-m", "sentiment", "train", *cli_args(values)], cwd=REPO, env=subprocess_env(),
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 240
     while last_step(run) < 5:
@@ -418,7 +397,7 @@ def test_disk_full_at_a_checkpoint_is_one_line_and_resumes_bitwise(limit, refere
             limit = None
         else:
             limit = size // 2  # no checkpoint fits; the small files (config, metrics) do
-        proc = subprocess.run([sys.executable, "-m", "sentiment", "train", *cli_args(values)], cwd=REPO, env=env(),
+        proc = subprocess.run([sys.executable, "-m", "sentiment", "train", *cli_args(values)], cwd=REPO, env=subprocess_env(),
                               capture_output=True, text=True, timeout=240,
                               preexec_fn=(lambda: _limit_file_size(limit)) if limit else None)
         assert proc.returncode == 2, proc.stderr[-3000:]
@@ -513,7 +492,7 @@ def test_a_kill_at_every_write_resumes_to_the_same_model_and_results(tiny_dirs, 
     argv = ["train", *cli_args({k: v for k, v in values.items() if k != "output_dir"})]
     script = tmp_path / "kill_at_every_write.py"
     script.write_text(KILL_AT_EVERY_WRITE)
-    proc = subprocess.run([sys.executable, str(script), json.dumps(argv), str(tmp_path)], cwd=REPO, env=env(),
+    proc = subprocess.run([sys.executable, str(script), json.dumps(argv), str(tmp_path)], cwd=REPO, env=subprocess_env(),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     writes = int(proc.stdout.split()[-1])
@@ -521,7 +500,7 @@ def test_a_kill_at_every_write_resumes_to_the_same_model_and_results(tiny_dirs, 
     reference = tmp_path / "reference"
     for n in range(1, writes + 1):
         run = tmp_path / f"kill_{n:03d}"
-        got, want = weights(run), weights(reference)
+        got, want = saved_weights(run), saved_weights(reference)
         assert all(torch.equal(got[k], want[k]) for k in want), f"kill at write {n}: other weights"
         assert rows(run) == rows(reference), f"kill at write {n}: other metrics"
         results = [{k: v for k, v in json.loads((r / "results.json").read_text()).items() if not is_timing(k)}

@@ -5,8 +5,8 @@ import json
 
 import datasets
 import numpy as np
-import pandas as pd
 import pytest
+from conftest import ROWS, write_rows
 
 from sentiment.config import Config
 from sentiment.data import load_splits, read_split
@@ -14,17 +14,6 @@ from sentiment.errors import DataError
 from sentiment.rows import (check_two_classes, class_label_ids, csv_line, first_bad_json_line, json_line,
                             normalize_label, row_location)
 from sentiment.tiny import make_tokenizer
-
-ROWS = [{"text": f"review number {i} was {'great' if i % 2 else 'bad'}", "label": i % 2} for i in range(10)]
-
-
-def write_rows(path, rows):
-    if path.suffix == ".parquet":
-        pd.DataFrame(rows).to_parquet(path)
-    else:
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
 
 # ----------------------------------------------------------------------------- labels
 
@@ -94,7 +83,7 @@ def write_class_label(path, labels, names):
 def test_class_label_names_decide_which_is_pos(tmp_path):
     """A dataset storing ClassLabel(names=["pos", "neg"]) keeps pos as 0: read through the names, not flipped."""
     stored = [0, 0, 1, 0, 1, 1]
-    flipped = write_class_label(tmp_path / "train.parquet", stored, ["pos", "neg"])
+    write_class_label(tmp_path / "train.parquet", stored, ["pos", "neg"])
     write_class_label(tmp_path / "test.parquet", stored, ["neg", "pos"])
     cfg = Config(data_dir=str(tmp_path), n_train=0, n_test=0, max_length=16)
     assert read_split(cfg, "train")["label"] == [1, 1, 0, 1, 0, 0]

@@ -9,12 +9,12 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, sigterm_at_step, snapshot, subprocess_env, write
 
 from sentiment import checkpoint as ckpt
 from sentiment import rundir
@@ -24,19 +24,7 @@ from sentiment.errors import CheckpointError, ConfigError, TrainingError
 from sentiment.tiny import VOCAB, make_reviews, make_tokenizer, write_jsonl
 from sentiment.train import train
 
-REPO = Path(__file__).resolve().parents[1]
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def write(path: Path, content: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
 
 
 @pytest.fixture
@@ -140,7 +128,7 @@ def test_a_checkpoint_of_another_run_continues_only_in_a_new_folder(tiny_copy, t
     model_dir, data_dir = tiny_copy
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     assert main(cli(model_dir, data_dir, a, "--epochs", "2", "--keep_last", "2")) == 0
-    stop_run_at(b, 2, lambda: train(Config(**_config(model_dir, data_dir, b, epochs=2))))
+    assert sigterm_at_step(b, 2, lambda: train(Config(**_config(model_dir, data_dir, b, epochs=2)))) == 143
     before = snapshot(b)
     first_epoch = ckpt.checkpoint_path(a, 4)
     err = refused(cli(model_dir, data_dir, b, "--epochs", "2", "--resume", str(first_epoch)), capsys)
@@ -153,38 +141,11 @@ def test_a_checkpoint_of_another_run_continues_only_in_a_new_folder(tiny_copy, t
 # ----------------------------------------------------------------------------- a resume checks what it resumes
 
 
-def stop_run_at(out: Path, step: int, run) -> None:
-    """Run `run()` (a train call writing to `out`) and SIGTERM this process, from another thread, once
-    metrics.jsonl shows `step`, as a scheduler would; the run checkpoints and raises SystemExit(143)."""
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.is_set():
-            try:
-                rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-            except (OSError, ValueError):
-                rows = []
-            if any(r.get("step", 0) >= step for r in rows):
-                os.kill(os.getpid(), 15)
-                return
-            time.sleep(0.001)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    try:
-        with pytest.raises(SystemExit) as stopped:
-            run()
-    finally:
-        done.set()
-        thread.join()
-    assert stopped.value.code == 143
-
-
 def test_resume_refuses_changed_training_data(tiny_copy, tmp_path, capsys):
     model_dir, data_dir = tiny_copy
     out = tmp_path / "run"
     values = _config(model_dir, data_dir, out, n_train=0, epochs=2)
-    stop_run_at(out, 3, lambda: train(Config(**values)))
+    assert sigterm_at_step(out, 3, lambda: train(Config(**values))) == 143  # checkpointed, then stopped
     # the issue's case: the train file cut to 60 rows with flipped labels, same flags
     rows = [{**r, "label": 1 - r["label"]} for r in make_reviews(60, seed=5)]
     original = (data_dir / "train.jsonl").read_bytes()
@@ -201,7 +162,7 @@ def test_resume_refuses_a_changed_tokenizer(tiny_copy, tmp_path):
     model_dir, data_dir = tiny_copy
     out = tmp_path / "run"
     values = _config(model_dir, data_dir, out, n_train=0, epochs=2)
-    stop_run_at(out, 3, lambda: train(Config(**values)))
+    assert sigterm_at_step(out, 3, lambda: train(Config(**values))) == 143  # checkpointed, then stopped
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         (model_dir / name).unlink(missing_ok=True)
     from transformers import BertTokenizerFast
@@ -217,12 +178,10 @@ def test_resume_refuses_a_changed_tokenizer(tiny_copy, tmp_path):
 
 def test_a_second_run_on_the_same_folder_fails_at_once_naming_the_first(tiny_dirs, tmp_path, capsys):
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
     argv = cli(*tiny_dirs, out, "--n_train", "0", "--epochs", "40", "--micro_batch_size", "2")
     with open(tmp_path / "first.log", "wb") as log:
-        first = subprocess.Popen([sys.executable, "-m", "sentiment", *argv], cwd=REPO, env=env, stdout=log,
-                                 stderr=subprocess.STDOUT)
+        first = subprocess.Popen([sys.executable, "-m", "sentiment", *argv], cwd=REPO, env=subprocess_env(),
+                                 stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
         while not (out / "metrics.jsonl").exists():  # the first run holds the folder and is training

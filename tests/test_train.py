@@ -8,22 +8,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+
+from conftest import read_metrics, saved_weights
 
 from sentiment.cli import main
 from sentiment.config import Config
 from sentiment.data import read_split, take
 from sentiment.train import train
-
-
-def read_metrics(out: Path) -> tuple[list[dict], list[dict]]:
-    """(train step rows, eval rows) of a run's metrics.jsonl."""
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "split" not in r], [r for r in rows if "split" in r]
-
-
-def saved_weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "model" / "model.safetensors"))
 
 
 def max_weight_diff(a: Path, b: Path) -> float:
@@ -62,7 +53,9 @@ def test_run_writes_config_metrics_results_and_model(trained):
     cm = np.array(results["confusion_matrix"])
     assert cm.shape == (2, 2) and cm.sum() == 48
     assert results["accuracy"] == pytest.approx(np.trace(cm) / 48)
-    assert results["samples_per_second"] > 0 and results["runtime_s"] > 0
+    # throughput: the training samples over the seconds spent in optimizer steps, a part of the whole run
+    assert results["samples_per_second"] == pytest.approx(10 * 96 / results["train_seconds"])
+    assert 0 < results["train_seconds"] < results["runtime_s"]
     assert (out / "model" / "config.json").is_file() and (out / "model" / "model.safetensors").is_file()
     assert (out / "model" / "tokenizer.json").is_file() or (out / "model" / "vocab.txt").is_file()
     model_config = json.loads((out / "model" / "config.json").read_text())
@@ -159,7 +152,15 @@ def test_predict_command(trained, capsys):
     lines = [line.split("\t") for line in capsys.readouterr().out.splitlines()]  # only results on stdout
     assert [(label, text) for label, _, text in lines] == [("pos", "great excellent wonderful movie"),
                                                            ("neg", "awful boring terrible film")]
-    assert all(0.5 <= float(prob) <= 1.0 for _, prob, _ in lines)
+    # the probability printed is the model's softmax for the label printed
+    from sentiment.model import load_model, load_tokenizer
+
+    model, tok = load_model(str(out / "model")).eval(), load_tokenizer(str(out / "model"))
+    with torch.no_grad():
+        for label, prob, text in lines:
+            probs = model(**tok(text, return_tensors="pt")).logits.softmax(-1)[0]
+            assert float(prob) == pytest.approx(probs[model.config.label2id[label]].item(), abs=1e-4)
+            assert float(prob) > 0.8  # the trained model is sure of these two
 
 
 @pytest.mark.parametrize("command", ["train", "evaluate", "predict"])
@@ -255,10 +256,13 @@ def test_logged_loss_is_the_mean_over_the_short_group(tiny_config, tiny_dirs, tm
     assert rows[0]["loss"] == pytest.approx(expected, abs=1e-5)
 
 
-def test_bf16_run_on_cpu(tiny_config):
-    results = train(tiny_config(epochs=1, n_train=32, n_test=16, precision="bf16"))
+def test_bf16_run_on_cpu_learns(tiny_config):
+    """bf16 autocast trains as fp32 does: 6 epochs (72 steps) reach 0.92 held-out accuracy (fp32: 0.96)."""
+    results = train(tiny_config(epochs=6, dropout=0.0, precision="bf16"))
     assert any(d.startswith("precision=bf16") for d in results["engine"])
-    assert np.isfinite(results["loss"]) and 0.0 <= results["accuracy"] <= 1.0
+    cm = np.array(results["confusion_matrix"])
+    assert cm.sum() == 48 and results["accuracy"] == pytest.approx(np.trace(cm) / 48)
+    assert results["accuracy"] >= 0.8 and results["loss"] < 0.45  # chance: 0.5 and ln 2 = 0.693
 
 
 def test_validation_split_selects_the_best_model(tiny_config, tmp_path):
