@@ -1,6 +1,7 @@
 # sentiment: fine-tune BERT on IMDb with a plain-PyTorch loop.
 #   make train ARGS="--epochs 1"    the tutorial run (installs first)
 #   make test                       the test suite, offline, CPU (installs first)
+#   make test-gpu                   only the tests that need a CUDA GPU (fp32/bf16/fp16, compile, NCCL, MFU, OOM)
 #   make smoke                      a tiny random model end to end, offline, in seconds
 #   make ddp NPROC=2 ARGS="..."     the same training under torchrun (DDP)
 #   make bench / make compare       speed against the HF Trainer / per-step parity with it
@@ -18,7 +19,7 @@ SHARED ?= ../shared/imdb
 DATA ?= runs/imdb_split
 RUN ?= runs/latest
 
-.PHONY: install install-test train test smoke ddp bench compare data plot clean
+.PHONY: install install-test train test test-gpu smoke ddp bench compare data plot clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +45,11 @@ train: install
 
 test: install-test
 	$(PY) -m pytest -q tests
+
+# The @pytest.mark.gpu tests alone (tests/test_gpu.py), on the CUDA device this machine has; without one
+# they skip (-rs prints why). `make test` runs them too, so on a GPU machine it covers both.
+test-gpu: install-test
+	$(PY) -m pytest -q -rs -m gpu tests
 
 smoke: install
 	rm -rf runs/smoke
