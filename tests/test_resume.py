@@ -36,8 +36,9 @@ from sentiment.train import train
 
 
 def is_timing(key: str) -> bool:
-    """Fields that measure the machine, not the math: they differ between any two runs."""
-    return key.endswith(("_ms", "_s", "_seconds", "_per_second")) or key in ("peak_mem_mb", "mfu", "environment")
+    """Fields that measure the machine, not the math, or say where the run is: they differ between any two runs."""
+    return key.endswith(("_ms", "_s", "_seconds", "_per_second")) or key in ("peak_mem_mb", "mfu", "environment",
+                                                                             "model_dir")
 
 
 # 64 reviews, micro-batch 8, 3 epochs: 8 steps per epoch, 24 steps, an evaluation at steps 8, 16, 24
@@ -68,8 +69,8 @@ def assert_same_run(run: Path, reference: Path) -> None:
     assert len(got_rows) == len(want_rows) == TOTAL_STEPS + 3
     for got_row, want_row in zip(got_rows, want_rows):
         assert got_row == want_row
-    results = [{k: v for k, v in json.loads((r / "results.json").read_text()).items() if not is_timing(k)}
-               for r in (run, reference)]
+    results = [{k: v for k, v in json.loads((r / "results.json").read_text()).items()
+                if not is_timing(k)} for r in (run, reference)]
     assert results[0] == results[1]
     # report.md's misclassified reviews come from the final test evaluation, which a resume repeats
     section = [(r / "report.md").read_text().split("## Misclassified test reviews")[1].split("## Config")[0]

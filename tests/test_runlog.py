@@ -40,18 +40,20 @@ def test_peak_flops_by_gpu_name_and_precision():
 
 ROW = {"step": 3, "epoch": 1, "loss": 0.693147, "lr": 2.5e-5, "grad_norm": 1.23456, "clipped": True,
        "skipped": False, "samples_per_s": 123.45, "tokens_per_s": 45678.0, "padded_fraction": 0.13,
-       "step_ms": 250.4, "data_ms": 1.2, "fwd_bwd_ms": 200.6, "opt_ms": 48.6}
+       "step_ms": 250.4, "data_ms": 1.2, "fwd_bwd_ms": 200.6, "opt_ms": 48.6, "elapsed_s": 75.9, "eta_s": 3723.0}
 
 
 def test_format_step_line():
     assert format_step(ROW, 10) == ("step 3/10 | epoch 1 | loss 0.6931 | lr 2.5e-05 | grad_norm 1.235 (clipped) | "
-                                    "123.5 ex/s | 45.7k tok/s | pad 13% | 250 ms (data 1, fwd+bwd 201, opt 49)")
+                                    "123.5 ex/s | 45.7k tok/s | pad 13% | 250 ms (data 1, fwd+bwd 201, opt 49) | "
+                                    "1:15 elapsed, ETA 1:02:03")
 
 
 def test_format_step_adds_scale_mfu_and_skipped_when_present():
     row = {**ROW, "clipped": False, "skipped": True, "loss": math.nan, "scale": 65536.0, "mfu": 0.4151}
     assert format_step(row, 10).endswith("| loss nan | lr 2.5e-05 | grad_norm 1.235 | 123.5 ex/s | 45.7k tok/s | "
-                                         "pad 13% | 250 ms (data 1, fwd+bwd 201, opt 49) | scale 65536 | mfu 41.5% | "
+                                         "pad 13% | 250 ms (data 1, fwd+bwd 201, opt 49) | 1:15 elapsed, ETA 1:02:03 | "
+                                         "scale 65536 | mfu 41.5% | "
                                          "SKIPPED (non-finite)")
 
 
