@@ -35,6 +35,10 @@ class Engine:
     local_rank: int = 0  # rank within this node: picks the GPU
     world_size: int = 1  # processes in the job
     decisions: tuple[str, ...] = field(default=())  # "name=value (reason)" lines, for the run header
+    # fp16 loss scaling (torch's defaults): start at 2**16, double after growth_interval clean steps in a row;
+    # an overflow halves it. Only tests change them (dataclasses.replace), to force overflows and growth.
+    init_scale: float = 2.0**16
+    growth_interval: int = 2000
 
     @property
     def is_main(self) -> bool:
@@ -60,9 +64,10 @@ class Engine:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def grad_scaler(self) -> torch.amp.GradScaler:
-        """Loss scaling for fp16 (its range is too narrow for small gradients); disabled otherwise,
-        and a disabled scaler's scale/unscale_/step/update are plain pass-throughs."""
-        return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        """Loss scaling for fp16 (its range is too narrow for small gradients), on CUDA and on CPU alike;
+        disabled otherwise, and a disabled scaler's scale/unscale_/step/update are plain pass-throughs."""
+        return torch.amp.GradScaler(self.device.type, init_scale=self.init_scale,
+                                    growth_interval=self.growth_interval, enabled=self.precision == "fp16")
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # non_blocking copies overlap with compute; they need pinned host memory (see pin_memory)
@@ -273,8 +278,9 @@ def resolve_precision(requested: str, device: torch.device) -> tuple[str, str]:
             if native:
                 return "bf16", "auto: CPU has native bf16 (AVX512-BF16/AMX)"
             return "fp32", "auto: CPU lacks native bf16, emulated bf16 would be slower"
-        if requested == "fp16":
-            raise ConfigError("precision=fp16 needs a CUDA GPU; on CPU use --precision bf16 or fp32")
+        if requested == "fp16":  # CPU autocast and GradScaler("cpu") do fp16: slow, but the whole fp16 path
+            return "fp16", ("requested: on CPU fp16 is emulated and slower than fp32; it exercises the fp16 path: "
+                            "loss scaling, overflow skips")
         if requested == "bf16" and not native:
             return "bf16", "requested (warning: this CPU emulates bf16, expect it slower than fp32)"
         return requested, "requested"
@@ -310,7 +316,8 @@ def setup_engine(device: str = "auto", precision: str = "auto", seed: int = 0,
     prec, prec_why = resolve_precision(precision, dev)
     decisions.append(f"precision={prec} ({prec_why})")
     if prec == "fp16":
-        decisions.append("grad_scaler=on (fp16 gradients underflow without loss scaling)")
+        decisions.append("grad_scaler=on (fp16 gradients underflow without loss scaling; an overflowing step is "
+                         "skipped and halves the scale)")
     if dev.type == "cuda":
         # TF32 matmuls: ~8x the fp32 rate on Ampere+ with a 10-bit mantissa, ample for fine-tuning
         torch.backends.cuda.matmul.allow_tf32 = True
