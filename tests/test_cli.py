@@ -225,7 +225,7 @@ def test_unknown_flag_close_match_and_unknown_command(capsys):
     assert one_error_line(capsys).startswith("unknown flag --epoch; --epochs is a flag of train only")
     assert main(["trian"]) == 2
     assert one_error_line(capsys) == "unknown command 'trian'; did you mean train? (commands: train, evaluate, " \
-                                     "predict, plot)"
+                                     "predict, plot, doctor)"
     assert main(["train", "stray"]) == 2
     assert one_error_line(capsys).startswith("unexpected argument 'stray'")
 
