@@ -186,7 +186,7 @@ def selftest(device: str, precision: str) -> list[dict]:
             checks.append({"check": f"step {name}", "ok": False, "detail": str(e).split("\n")[0],
                            "fix": f"{name} fails on {device}: use --precision fp32"})
         if device.type == "cpu" and name == "fp16":
-            checks[-1]["detail"] += " (autocast runs it; training takes fp16 on CUDA only)"
+            checks[-1]["detail"] += " (on CPU fp16 is emulated: slower than fp32, for checking the fp16 path)"
     if precision not in runs:
         checks.append({"check": f"step {precision}", "ok": False, "detail": "autocast does not run it",
                        "fix": f"precision={precision} does not run on {device} here; use --precision fp32"})
