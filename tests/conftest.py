@@ -9,6 +9,8 @@ import importlib.util
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -198,3 +200,51 @@ def console_on_stdout():
     from sentiment.runlog import console
 
     console("stdout")
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+
+def torchrun(args: list[str], nproc: int = 2, timeout: int = 300, env: dict | None = None) -> str:
+    """`torchrun --standalone --nproc_per_node=NPROC ARGS`, its output (stdout and stderr); a hang fails the test
+    instead of blocking it (the launcher and its workers are killed as one process group)."""
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             f"--nproc_per_node={nproc}", *args], cwd=REPO, env=subprocess_env(**(env or {})),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"torchrun hung for {timeout} s:\n{out[-5000:]}")
+    assert proc.returncode == 0, out[-5000:]
+    return out
+
+
+# Python run in every rank other than 0 before the program: it records each write-like file operation under
+# $AUDIT_WATCH into $AUDIT_LOGS/writes_rank<R>.txt, after one probe write there to prove the hook sees writes.
+AUDIT_HOOK = r"""
+import os, sys
+if os.environ.get("RANK", "0") != "0" and "AUDIT_WATCH" in os.environ:
+    _rank = os.environ["RANK"]
+    _watch = os.path.realpath(os.environ["AUDIT_WATCH"])
+    _record = open(os.path.join(os.environ["AUDIT_LOGS"], f"writes_rank{_rank}.txt"), "w")
+    _WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    _MUTATE = ("os.rename", "os.remove", "os.mkdir", "os.rmdir", "shutil.rmtree", "os.truncate", "os.link",
+               "os.symlink", "os.chmod", "os.utime")
+    def _hook(event, args):
+        if event == "open":
+            path, mode, flags = args
+            writes = any(c in mode for c in "wax+") if isinstance(mode, str) else bool((flags or 0) & _WRITE)
+        elif event in _MUTATE:
+            path, writes = args[0], True
+        else:
+            return
+        if writes and isinstance(path, (str, bytes, os.PathLike)):
+            path = os.path.realpath(os.fsdecode(path))
+            if path.startswith(_watch + os.sep):
+                _record.write(f"{event} {path}\n")
+                _record.flush()
+    sys.addaudithook(_hook)
+    open(os.path.join(_watch, f"probe_rank{_rank}"), "w").close()
+"""

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, cli_args, read_metrics, saved_weights, subprocess_env
+from conftest import AUDIT_HOOK, REPO, cli_args, read_metrics, saved_weights, torchrun
 
 from sentiment.config import Config
 from sentiment.data import eval_batches
@@ -38,54 +36,13 @@ def settings(model_dir: Path, data_dir: Path, output_dir: Path, **overrides) -> 
     return {**values, **overrides}
 
 
-def torchrun(args: list[str], timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node=2 ARGS`; a hang fails the test instead of blocking it
-    (the launcher and its workers are killed as one process group)."""
-    env = subprocess_env(**kwargs.pop("env", {}))  # OMP_NUM_THREADS=1 as torchrun sets; the engine splits the cores
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, **kwargs)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"torchrun hung for {timeout} s:\n{out[-3000:]}")
-    assert proc.returncode == 0, out[-5000:]
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out)
-
-
 def ddp_threads() -> int:
     """What engine.setup_engine gives each of 2 local CPU ranks; in-process comparisons use the same."""
     return max(1, (os.cpu_count() or 1) // 2)
 
 
-# Runs the sentiment CLI; on ranks other than 0 it first records every write-like file operation under
-# $AUDIT_WATCH (then writes one probe file there, to prove the hook sees writes).
-AUDITED_CLI = r"""
-import os, sys
-rank = os.environ.get("RANK", "0")
-if rank != "0":
-    watch = os.path.realpath(os.environ["AUDIT_WATCH"])
-    record = open(os.path.join(os.environ["AUDIT_LOGS"], f"rank{rank}.txt"), "w")
-    WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-    MUTATE = ("os.rename", "os.remove", "os.mkdir", "os.rmdir", "shutil.rmtree", "os.truncate", "os.link",
-              "os.symlink", "os.chmod", "os.utime")
-    def hook(event, args):
-        if event == "open":
-            path, mode, flags = args
-            writes = any(c in mode for c in "wax+") if isinstance(mode, str) else bool((flags or 0) & WRITE)
-        elif event in MUTATE:
-            path, writes = args[0], True
-        else:
-            return
-        if writes and isinstance(path, (str, bytes, os.PathLike)):
-            path = os.path.realpath(os.fsdecode(path))
-            if path.startswith(watch + os.sep):
-                record.write(f"{event} {path}\n")
-                record.flush()
-    sys.addaudithook(hook)
-    open(os.path.join(watch, f"probe_rank{rank}"), "w").close()
+# the sentiment CLI, with rank 1's file writes recorded (see conftest.AUDIT_HOOK)
+AUDITED_CLI = AUDIT_HOOK + """
 from sentiment.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -163,7 +120,7 @@ def test_evaluate_command_on_two_processes_where_one_has_no_batch(tiny_dirs, tmp
     model_dir, data_dir = tiny_dirs
     values = dict(model_name_or_path=model_dir, data_dir=data_dir, n_test=N_TEST, eval_batch_size=64,
                   max_length=64, device="cpu", precision="fp32")
-    out = torchrun(["-m", "sentiment", "evaluate", *cli_args(values)], timeout=180).stdout
+    out = torchrun(["-m", "sentiment", "evaluate", *cli_args(values)], timeout=180)
     two = json.loads(out[out.index("\n{") + 1: out.rindex("}") + 1])
     threads = torch.get_num_threads()
     torch.set_num_threads(ddp_threads())
@@ -188,8 +145,8 @@ def test_eval_batches_deal_every_example_to_exactly_one_rank(world_size, batch_s
 
 def test_only_rank_zero_writes_files_and_logs(ddp_run):
     run, watch = ddp_run["run"], ddp_run["watch"]
-    [record] = ddp_run["audit"].glob("rank*.txt")
-    assert record.name == "rank1.txt"
+    [record] = ddp_run["audit"].glob("writes_rank*.txt")
+    assert record.name == "writes_rank1.txt"
     lines = record.read_text().splitlines()
     assert lines[:1] == [f"open {os.path.realpath(watch / 'probe_rank1')}"]  # the hook saw its probe
     assert lines[1:] == [], "rank 1 wrote under the run folder"

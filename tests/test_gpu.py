@@ -19,7 +19,6 @@ import io
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,13 +28,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import REPO, cli_args, torchrun
+
 from sentiment.config import Config
 from sentiment.runlog import PEAK_FLOPS, peak_flops
 from sentiment.train import train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-REPO = Path(__file__).resolve().parents[1]
 TF32_LINE = "engine: tf32=on (CUDA: fp32 matmuls run on tensor cores)"
 
 
@@ -45,10 +45,6 @@ def settings(model_dir: Path, data_dir: Path, output_dir: Path, **overrides) -> 
                   eval_batch_size=16, max_length=64, epochs=1, micro_batch_size=8, lr=3e-3, dropout=0.0,
                   device="cuda", precision="fp32", output_dir=str(output_dir), log_every=1)
     return {**values, **overrides}
-
-
-def cli_args(values: dict) -> list[str]:
-    return [arg for key, value in values.items() for arg in (f"--{key}", str(value))]
 
 
 def train_here(values: dict) -> tuple[dict, str]:
@@ -149,27 +145,9 @@ def test_compile_matches_eager(fp32_run, tiny_dirs, tmp_path):
 
 # ----------------------------------------------------------------------------- torchrun on GPUs
 
-def torchrun(nproc: int, args: list[str], timeout: int = 300) -> str:
-    """`torchrun --standalone --nproc_per_node NPROC ARGS`; a hang fails the test (the launcher and its workers
-    are killed as one process group), a failure shows the output."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             f"--nproc_per_node={nproc}", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"torchrun hung for {timeout} s:\n{out[-5000:]}")
-    assert proc.returncode == 0, out[-5000:]
-    return out
-
-
 def test_torchrun_one_process_on_one_gpu(tiny_dirs, tmp_path):
     run = tmp_path / "run"
-    printed = torchrun(1, ["-m", "sentiment", "train", *cli_args(settings(*tiny_dirs, run))])
+    printed = torchrun(nproc=1, args=["-m", "sentiment", "train", *cli_args(settings(*tiny_dirs, run))])
     results = json.loads((run / "results.json").read_text())
     check_run(run, results, "fp32")
     assert results["environment"]["world_size"] == 1
@@ -184,7 +162,7 @@ def test_ddp_with_nccl_matches_one_process(tiny_dirs, tmp_path):
         pytest.skip(f"DDP with NCCL needs 2 processes on 2 GPUs, {torch.cuda.device_count()} visible (NCCL refuses "
                     "two ranks on one GPU, and one process forms no process group)")
     ddp, one = tmp_path / "ddp", tmp_path / "one"
-    printed = torchrun(2, ["-m", "sentiment", "train", *cli_args(settings(*tiny_dirs, ddp))])
+    printed = torchrun(nproc=2, args=["-m", "sentiment", "train", *cli_args(settings(*tiny_dirs, ddp))])
     assert "engine: distributed=DDP world_size=2 backend=nccl (torchrun environment found)" in printed
     assert "batch: global 16 = micro 8 x accum 1 x world 2" in printed
     train_here(settings(*tiny_dirs, one, grad_accum_steps=2))

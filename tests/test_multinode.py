@@ -37,10 +37,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import AUDIT_HOOK, REPO, cli_args
+
 from sentiment.config import Config
 from sentiment.train import train
 
-REPO = Path(__file__).resolve().parents[1]
 SLURM_SCRIPT = REPO / "scripts" / "slurm_ddp.sbatch"
 TIMEOUT_S = 300  # both nodes together; the run itself takes well under a minute
 NODES = 2
@@ -51,10 +52,6 @@ def settings(model_dir: Path, data_dir: Path, output_dir: Path, **overrides) -> 
                   eval_batch_size=16, max_length=64, epochs=2, micro_batch_size=8, lr=3e-3, dropout=0.0,
                   device="cpu", precision="fp32", output_dir=str(output_dir), log_every=0)
     return {**values, **overrides}
-
-
-def cli_args(values: dict) -> list[str]:
-    return [arg for key, value in values.items() for arg in (f"--{key}", str(value))]
 
 
 # ----------------------------------------------------------------------------- the SLURM script's launch
@@ -124,35 +121,13 @@ def test_slurm_launch_line_is_the_one_this_test_runs():
 # (no RANK: it does nothing there) and their workers. A worker records its ranks; a worker of rank > 0 also
 # records every write-like file operation under $AUDIT_WATCH (after one probe write, to prove the hook works).
 SITECUSTOMIZE = r"""
-import json, os, sys
+import json, os
 if "RANK" in os.environ and "AUDIT_LOGS" in os.environ:
-    rank = os.environ["RANK"]
     keys = ("RANK", "GROUP_RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
             "TORCHELASTIC_RUN_ID")
-    with open(os.path.join(os.environ["AUDIT_LOGS"], f"env_rank{rank}.json"), "w") as f:
+    with open(os.path.join(os.environ["AUDIT_LOGS"], f"env_rank{os.environ['RANK']}.json"), "w") as f:
         json.dump({k: os.environ.get(k) for k in keys}, f)
-    if rank != "0":
-        watch = os.path.realpath(os.environ["AUDIT_WATCH"])
-        record = open(os.path.join(os.environ["AUDIT_LOGS"], f"writes_rank{rank}.txt"), "w")
-        WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-        MUTATE = ("os.rename", "os.remove", "os.mkdir", "os.rmdir", "shutil.rmtree", "os.truncate", "os.link",
-                  "os.symlink", "os.chmod", "os.utime")
-        def hook(event, args):
-            if event == "open":
-                path, mode, flags = args
-                writes = any(c in mode for c in "wax+") if isinstance(mode, str) else bool((flags or 0) & WRITE)
-            elif event in MUTATE:
-                path, writes = args[0], True
-            else:
-                return
-            if writes and isinstance(path, (str, bytes, os.PathLike)):
-                path = os.path.realpath(os.fsdecode(path))
-                if path.startswith(watch + os.sep):
-                    record.write(f"{event} {path}\n")
-                    record.flush()
-        sys.addaudithook(hook)
-        open(os.path.join(watch, f"probe_rank{rank}"), "w").close()
-"""
+""" + AUDIT_HOOK
 
 
 def free_port() -> int:
