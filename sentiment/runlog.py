@@ -57,15 +57,17 @@ def console(stream_name: str = "stdout", replace: bool = True) -> None:
     LOG.propagate = False
 
 
-# Dense bf16/fp16 tensor-core peaks (FLOP/s, no sparsity) for the MFU figure; matched by substring of the
-# GPU's name. Sources: NVIDIA data sheets (H100 SXM5, H200, A100, L4, ...). CPUs have no entry: no MFU.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12,
-              "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+# Dense bf16/fp16 tensor-core peaks (FLOP/s, no sparsity) for the MFU figure; the longest name contained in the
+# GPU's name wins ("H100 PCIe" before "H100", "L40S" and "L40" before "L4"). NVIDIA data sheets. CPUs: no MFU.
+PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12,
+              "L40S": 362e12, "L40": 181e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12,
+              "T4": 65e12}
 
 
 def peak_flops(device_name: str, precision: str) -> float | None:
     """The device's dense peak FLOP/s at this precision, for MFU; None where unknown (CPUs, other GPUs)."""
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in device_name), None)
+    names = sorted((k for k in PEAK_FLOPS if k in device_name), key=len, reverse=True)
+    peak = PEAK_FLOPS[names[0]] if names else None
     if peak is not None and precision == "fp32":
         peak /= 2  # TF32 tensor cores run at half the bf16 rate
     return peak

@@ -35,6 +35,7 @@ def test_peak_flops_by_gpu_name_and_precision():
     assert peak_flops("NVIDIA H100 80GB HBM3", "fp32") == 989e12 / 2  # TF32: half the bf16 rate
     assert peak_flops("NVIDIA A100-SXM4-80GB", "bf16") == 312e12
     assert peak_flops("NVIDIA L40S", "bf16") == 362e12 and peak_flops("NVIDIA L4", "bf16") == 121e12  # not L4's
+    assert peak_flops("NVIDIA L40", "bf16") == 181e12 and peak_flops("NVIDIA H100 PCIe", "bf16") == 756e12
     assert peak_flops("cpu", "bf16") is None and peak_flops("NVIDIA GeForce GTX 1080", "fp32") is None
 
 
