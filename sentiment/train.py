@@ -3,8 +3,9 @@
 What the Hugging Face Trainer does behind `trainer.train()`, written out: a DataLoader over
 length-grouped batches, AdamW with no decay on biases/LayerNorm, a linear warmup/decay learning
 rate written into the optimizer each step, exact gradient accumulation, mixed precision with
-the five GradScaler lines in plain sight, gradient clipping, evaluation each epoch, checkpoints
-that resume exactly, and the best model saved with `save_pretrained`.
+the five GradScaler lines in plain sight, gradient clipping, evaluation each epoch (and every
+eval_every steps) with early stopping, checkpoints that resume exactly, and the best model saved
+with `save_pretrained` and a model card.
 """
 
 from __future__ import annotations
