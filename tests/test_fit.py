@@ -197,3 +197,20 @@ def test_the_probe_leaves_no_trace(tiny_config, tiny_dirs, monkeypatch):
     assert all(p.grad is None for p in model.parameters())
     assert not model.training  # as it was
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_auto_under_torchrun_equals_the_split_by_hand(tiny_dirs, tmp_path):
+    """2 CPU processes: each probes (the knob says 4 reviews do not fit), both take micro 2 x accum 2, and the
+    weights are those of the same split typed by hand, bit for bit."""
+    from conftest import cli_args, torchrun
+
+    base = dict(model_name_or_path=str(tiny_dirs[0]), data_dir=str(tiny_dirs[1]), n_train=32, n_test=8,
+                max_length=64, epochs=1, device="cpu", precision="fp32", log_every=0)
+    out = torchrun(["-m", "sentiment", "train", *cli_args({**base, "micro_batch_size": "auto",
+                                                           "output_dir": str(tmp_path / "auto")})],
+                   env={PROBE_LIMIT_ENV: "3"})
+    assert "fit: micro_batch_size=2 grad_accum_steps=2 (auto: the largest divisor of the 4 reviews per process" in out
+    torchrun(["-m", "sentiment", "train", *cli_args({**base, "micro_batch_size": 2, "grad_accum_steps": 2,
+                                                     "output_dir": str(tmp_path / "hand")})])
+    weights = [(tmp_path / run_ / "model" / "model.safetensors").read_bytes() for run_ in ("auto", "hand")]
+    assert weights[0] == weights[1]
