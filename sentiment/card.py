@@ -103,7 +103,8 @@ def source(cfg: dict, split: str) -> str:
 def recipe(cfg: dict, results: dict) -> list[tuple[str, object]]:
     """(setting, value) rows of the recipe; precision is the engine's decision (cfg may say auto)."""
     world, took = results["environment"]["world_size"], results.get("train_seconds")  # 0: resumed, no steps left
-    micro, accum, warmup = cfg["micro_batch_size"], cfg["grad_accum_steps"], cfg["warmup_ratio"]
+    batch = results.get("batch") or {"micro": cfg["micro_batch_size"], "accum": cfg["grad_accum_steps"]}  # auto: probed
+    micro, accum, warmup = batch["micro"], batch["accum"], cfg["warmup_ratio"]
     engine = dict(d.split("=", 1) for d in results.get("engine", []) if "=" in d)  # "precision=bf16 (auto: ...)"
     return [("epochs", cfg["epochs"] if not cfg["max_steps"] else f"max_steps {cfg['max_steps']} instead"),
             ("optimizer steps", results["steps"]),

@@ -56,8 +56,8 @@ TRAINER_NAMES: dict[str, str] = {
                      "and a checkpoint every --save_every steps",
     "load_best_model_at_end": "with --val_fraction > 0 the best model by validation accuracy is always loaded at the "
                               "end (and saved); without, the last",
-    "batch_size": "the global batch is --micro_batch_size x --grad_accum_steps x processes; for evaluation "
-                  "--eval_batch_size",
+    "batch_size": "the global batch is --global_batch_size, or --micro_batch_size x --grad_accum_steps x processes; "
+                  "for evaluation --eval_batch_size",
 }
 TRAINER_NAMES["evaluation_strategy"] = TRAINER_NAMES["save_strategy"] = TRAINER_NAMES["eval_strategy"]
 

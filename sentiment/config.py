@@ -50,8 +50,9 @@ class Config:
     # optimization
     epochs: int = 3  # passes over the training set
     max_steps: int = 0  # optimizer steps to run instead, if > 0 (the schedule follows it, as in the Trainer)
-    micro_batch_size: int = 8  # reviews per forward/backward on each process
+    micro_batch_size: int = 8  # reviews per forward/backward on each process; 0 or auto = the largest that fits
     grad_accum_steps: int = 1  # micro-batches per optimizer step; global batch = micro x accum x world size
+    global_batch_size: int = 0  # reviews per optimizer step if > 0 (sets accum); 0 = micro x accum x world, 8 if auto
     eval_batch_size: int = 32  # reviews per forward in evaluation
     lr: float = 5e-5  # peak learning rate (AdamW)
     weight_decay: float = 0.0  # AdamW decoupled decay; never applied to biases and LayerNorm weights
@@ -88,11 +89,12 @@ class Config:
         if not 0 <= self.seed <= SEED_MAX:
             raise ConfigError(f"seed={self.seed} must be in 0..{SEED_MAX} (numpy's seed range)")
         for name, low in (("n_train", 0), ("n_test", 0), ("num_workers", 0), ("log_every", 0),
-                          ("save_every", 0), ("keep_last", 0), ("max_steps", 0),
+                          ("save_every", 0), ("keep_last", 0), ("max_steps", 0), ("micro_batch_size", 0),
+                          ("global_batch_size", 0),
                           ("eval_every", 0), ("early_stopping_patience", 0)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= {low}")
-        for name in ("epochs", "micro_batch_size", "grad_accum_steps", "eval_batch_size",
+        for name in ("epochs", "grad_accum_steps", "eval_batch_size",
                      "max_bad_steps", "max_length"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
@@ -124,6 +126,16 @@ class Config:
                               "(e.g. 0.1) or leave early_stopping_patience at 0")
         if not self.output_dir:
             raise ConfigError("output_dir must not be empty")
+        self._check_batch()
+
+    def _check_batch(self) -> None:
+        """What the world size does not change (fit.plan_batch checks the rest once it is known)."""
+        if self.grad_accum_steps != 1 and (self.global_batch_size or not self.micro_batch_size):
+            raise ConfigError(f"grad_accum_steps={self.grad_accum_steps} is derived when global_batch_size is set or "
+                              "micro_batch_size is auto; leave it at 1 and set --global_batch_size")
+        if self.micro_batch_size and self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(f"global_batch_size={self.global_batch_size} is not a multiple of micro_batch_size="
+                              f"{self.micro_batch_size}; pick a divisor, or --micro_batch_size auto")
 
     @property
     def dataset_id(self) -> str:
@@ -203,12 +215,15 @@ JSON_TYPE_OK = {
 }
 
 
+AUTO = {"micro_batch_size": 0}  # fields that take the word `auto` for a number, and that number
+
+
 def check_file_types(data: dict, path: str) -> None:
     """A config file's values must have their field's JSON type: coercing them like CLI strings would
     turn `true` into 1 and a list into a path string."""
     for key, value in data.items():
         kind = _field_types()[key]
-        if not JSON_TYPE_OK[kind](value):
+        if not JSON_TYPE_OK[kind](value) and not (key in AUTO and value == "auto"):
             raise ConfigError(f"config file {path}: {key!r} expects {TYPE_NAMES[kind]}, got {json.dumps(value)}; "
                               "fix that value")
 
@@ -216,6 +231,8 @@ def check_file_types(data: dict, path: str) -> None:
 def coerce(name: str, value: object) -> object:
     """Convert a CLI string or a JSON value to the type of field `name`."""
     kind = _field_types()[name]
+    if name in AUTO and str(value).strip().lower() == "auto":
+        return AUTO[name]
     if kind is bool:
         if isinstance(value, bool):
             return value

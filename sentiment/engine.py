@@ -165,6 +165,16 @@ class Engine:
         if self.distributed:
             dist.barrier()
 
+    out_of_memory = torch.OutOfMemoryError  # what an allocation past the device's memory raises (not a field)
+
+    def memory(self) -> dict[str, int | None]:
+        """Bytes `free` (CUDA: cache released first; CPU: MemAvailable; MPS: None); CUDA's `allocated`, `peak`."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            return {"free": torch.cuda.mem_get_info(self.device)[0], "allocated": torch.cuda.memory_allocated(
+                self.device), "peak": torch.cuda.max_memory_allocated(self.device)}
+        return {"free": malloc.mem_available() if self.device.type == "cpu" else None, "allocated": None, "peak": None}
+
     def reset_peak_memory(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)

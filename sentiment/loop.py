@@ -14,6 +14,7 @@ import torch
 
 from sentiment import checkpoint as ckpt
 from sentiment.engine import Engine
+from sentiment.fit import MEMORY_FIXES
 from sentiment.errors import TrainingError
 
 
@@ -69,9 +70,9 @@ def out_of_memory_is_an_error(micro_batch_size: int, max_length: int, global_bat
         yield
     except torch.OutOfMemoryError:
         raise TrainingError(
-            f"out of memory at micro_batch_size={micro_batch_size}, max_length={max_length}: lower "
-            f"--micro_batch_size and raise --grad_accum_steps to keep the global batch of {global_batch}, "
-            "or pass --gradient_checkpointing true") from None
+            f"out of memory at micro_batch_size={micro_batch_size}, max_length={max_length}: pass {MEMORY_FIXES}; "
+            f"or by hand lower --micro_batch_size and raise --grad_accum_steps to keep the global batch of "
+            f"{global_batch}") from None
 
 
 def ignore_stop_signals(worker_id: int) -> None:

@@ -49,3 +49,12 @@ def configure(enabled: bool) -> str:
         return ("malloc=keep freed memory for reuse (CPU: large tensors are otherwise re-faulted page by page "
                 "every step; faster, peak memory 1.5-3 GB higher; --keep_freed_memory false turns it off)")
     return "malloc=unchanged (not glibc: --keep_freed_memory has no effect here)"
+
+
+def mem_available() -> int | None:
+    """Bytes the kernel could give this process without swapping (/proc/meminfo's MemAvailable); None off Linux."""
+    try:
+        with open("/proc/meminfo") as f:
+            return 1024 * int(next(line.split()[1] for line in f if line.startswith("MemAvailable:")))
+    except (OSError, StopIteration, ValueError):
+        return None

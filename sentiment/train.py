@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from sentiment import checkpoint as ckpt
-from sentiment import rundir
+from sentiment import fit, rundir
 from sentiment.card import model_card
 from sentiment.config import Config
 from sentiment.data import ReviewDataset, Splits, collator, global_batches, load_splits, micro_batches
@@ -63,6 +63,7 @@ def run(cfg: Config, engine: Engine) -> dict:
     if finished is not None:
         return finished
     check_report_to(cfg)
+    plan = fit.plan_batch(cfg, engine.world_size)  # micro x accum x world = the global batch, or a ConfigError
     tokenizer, model_config = load_checked(cfg.model_name_or_path, cfg.max_length, cfg.dropout)  # no weights yet
 
     with engine.main_process_first():  # rank 0 tokenizes and fills the cache; the others read it
@@ -70,8 +71,7 @@ def run(cfg: Config, engine: Engine) -> dict:
     fingerprint = ckpt.fingerprint(tokenizer, splits.train, splits.val)
     if resume:
         ckpt.check_fingerprint(resume, fingerprint, engine.print)
-    world, accum = engine.world_size, cfg.grad_accum_steps
-    global_batch = cfg.micro_batch_size * accum * world  # samples per optimizer step, however split
+    global_batch = plan.global_batch  # samples per optimizer step, however split
     steps_per_epoch = math.ceil(len(splits.train) / global_batch)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
@@ -83,6 +83,8 @@ def run(cfg: Config, engine: Engine) -> dict:
     optimizer = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=engine.fused_adamw)
     scaler = engine.grad_scaler()  # a disabled scaler (fp32/bf16) passes everything through
+    plan = fit.fit_micro_batch(plan, cfg, engine, raw_model, splits.train, tokenizer.pad_token_id)  # auto: probes
+    accum = plan.accum  # micro-batches per optimizer step
     progress = ckpt.Progress()
     if resume:
         progress = ckpt.restore_state(ckpt.load_checkpoint(resume.path), raw_model, optimizer, scaler, engine)
@@ -95,8 +97,8 @@ def run(cfg: Config, engine: Engine) -> dict:
         rundir.start_writing(folder, run_id, progress.step if resume else None, cfg.to_dict(), engine.print)
     engine.barrier()  # nobody reads the output dir before rank 0 has prepared it
     env = environment(engine)
-    print_header(cfg, engine, env, splits, count_params(raw_model)[0], global_batch, steps_per_epoch,
-                 warmup_steps, progress.step if resume else None)
+    print_header(cfg, engine, env, splits, raw_model, plan, steps_per_epoch, warmup_steps,
+                 progress.step if resume else None)
 
     # ------------------------------------------------------------------------------ loop
     dataset, collate = ReviewDataset(splits.train), collator(cfg, tokenizer.pad_token_id)
@@ -106,12 +108,12 @@ def run(cfg: Config, engine: Engine) -> dict:
     start_step, last_eval = progress.step, None  # last_eval: (metrics, probs) of the newest evaluation
     model.train()
     with StopRequest(engine.print) as stop:
-        with out_of_memory_is_an_error(cfg.micro_batch_size, cfg.max_length, global_batch), \
+        with out_of_memory_is_an_error(plan.micro, cfg.max_length, global_batch), \
                 RunLog(out, cfg, engine, raw_model, total_steps, start_step) as log:
             for step in range(start_step, total_steps):
                 epoch, batch_in_epoch = divmod(step, steps_per_epoch)
                 if step == start_step or batch_in_epoch == 0:
-                    batches = epoch_batches(cfg, engine, dataset, collate, global_batch, epoch, batch_in_epoch)
+                    batches = epoch_batches(cfg, engine, dataset, collate, plan, epoch, batch_in_epoch)
                 lr = set_lr(optimizer, lr_at(step, total_steps, warmup_steps, cfg.lr))
 
                 clock, loss_sum, counts = StepClock(batches), 0.0, torch.zeros(3)
@@ -169,38 +171,45 @@ def run(cfg: Config, engine: Engine) -> dict:
 
             # -------------------------------------------------------------------------- teardown
             stop.immediate = FINAL_EVAL_STOP  # training is over and checkpointed: a resume finishes the run
-            return finish(cfg, engine, model, tokenizer, splits, progress, last_eval, collate, log, env, started)
+            return finish(cfg, engine, model, tokenizer, splits, progress, last_eval, collate, log, env, started, plan)
 
 
-def epoch_batches(cfg: Config, engine: Engine, dataset: ReviewDataset, collate, global_batch: int, epoch: int,
+def epoch_batches(cfg: Config, engine: Engine, dataset: ReviewDataset, collate, plan: fit.BatchPlan, epoch: int,
                   first: int) -> TimedBatches:
     """This rank's micro-batches for epoch `epoch` from global batch `first` on. The order depends only on
     (seed, epoch), so a resumed run skips the batches it has done without replaying them."""
-    order = global_batches(dataset.split.lengths, global_batch, cfg.seed, epoch, cfg.shuffle,
+    order = global_batches(dataset.split.lengths, plan.global_batch, cfg.seed, epoch, cfg.shuffle,
                            cfg.group_by_length)[first:]
-    keys = [mb for gb in order for mb in micro_batches(gb, engine.world_size, cfg.grad_accum_steps, engine.rank)]
+    keys = [mb for gb in order for mb in micro_batches(gb, engine.world_size, plan.accum, engine.rank)]
     return TimedBatches(torch.utils.data.DataLoader(
         dataset, batch_sampler=keys, collate_fn=collate, num_workers=cfg.num_workers,
         pin_memory=engine.pin_memory, generator=torch.Generator(),  # its own generator: the global RNG is left alone
         worker_init_fn=ignore_stop_signals))
 
 
-def print_header(cfg: Config, engine: Engine, env: dict, splits: Splits, n_params: int, global_batch: int,
-                 steps_per_epoch: int, warmup_steps: int, resumed_at: int | None) -> None:
-    """The run's first lines: where and with what it runs, the data, and the batch and step arithmetic."""
+def print_header(cfg: Config, engine: Engine, env: dict, splits: Splits, model: torch.nn.Module,
+                 plan: fit.BatchPlan, steps_per_epoch: int, warmup_steps: int, resumed_at: int | None) -> None:
+    """The run's first lines: where and with what it runs, the data, the batch and step arithmetic, and the
+    memory it needs against what is free (with a warning and the fixes before the first step, if too much)."""
     engine.print(f"run: {cfg.output_dir} | git {git_commit()} | torch {env['torch']} | "
                  f"transformers {env['transformers']} | {env['device_name']}")
     engine.print("config: " + " ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
     engine.print(f"data: train {len(splits.train)} | val {len(splits.val) if splits.val else 0} | "
-                 f"test {len(splits.test)} reviews | model {n_params / 1e6:.3g}M parameters")
+                 f"test {len(splits.test)} reviews | model {count_params(model)[0] / 1e6:.3g}M parameters")
     steps = f"max_steps {cfg.max_steps}" if cfg.max_steps else f"x {cfg.epochs} epochs = {cfg.epochs * steps_per_epoch}"
-    engine.print(f"batch: global {global_batch} = micro {cfg.micro_batch_size} x accum {cfg.grad_accum_steps} x "
+    engine.print(f"batch: global {plan.global_batch} = micro {plan.micro} x accum {plan.accum} x "
                  f"world {engine.world_size} | {steps_per_epoch} steps/epoch {steps} steps | warmup {warmup_steps} steps"
                  + (f" | resuming at step {resumed_at}" if resumed_at is not None else ""))
+    if plan.why:
+        engine.print(f"fit: {plan.why}")
+    free = engine.memory()["free"]
+    params = [(p.numel(), p.element_size(), p.requires_grad) for p in model.parameters()]
+    for line in fit.memory_lines(fit.memory_estimate(params, plan.activations, free), free, plan, str(engine.device)):
+        engine.print(line)
 
 
 def finish(cfg: Config, engine: Engine, model, tokenizer, splits: Splits, progress: ckpt.Progress,
-           last_eval: tuple | None, collate, log: RunLog, env: dict, started: float) -> dict:
+           last_eval: tuple | None, collate, log: RunLog, env: dict, started: float, plan: fit.BatchPlan) -> dict:
     """After the last step: load the best model (by validation accuracy; the last one without a validation
     split), evaluate it on test, save it, write the report and, last, results.json, which marks the run
     finished."""
@@ -219,6 +228,7 @@ def finish(cfg: Config, engine: Engine, model, tokenizer, splits: Splits, progre
                "n_reviews": {"train": len(splits.train), "val": len(splits.val) if has_val else 0,
                              "test": len(splits.test)},
                "samples_per_second": log.samples_per_second, "train_seconds": log.train_seconds,
+               "batch": {"global": plan.global_batch, "micro": plan.micro, "accum": plan.accum, "world": plan.world},
                "runtime_s": time.perf_counter() - started, "peak_mem_mb": engine.peak_memory_mb(),
                "engine": list(engine.decisions), "environment": env, "model_dir": str(out / "model")}
     if engine.is_main:

@@ -196,8 +196,9 @@ def test_trainer_hints_for_what_has_no_one_flag():
 
 def test_batch_size_names_the_global_batch(capsys):
     assert main(["--batch_size", "16"]) == 2
-    assert one_error_line(capsys) == ("unknown flag --batch_size: the global batch is --micro_batch_size x "
-                                      "--grad_accum_steps x processes; for evaluation --eval_batch_size "
+    assert one_error_line(capsys) == ("unknown flag --batch_size: the global batch is --global_batch_size, or "
+                                      "--micro_batch_size x --grad_accum_steps x processes; for evaluation "
+                                      "--eval_batch_size "
                                       "(see `sentiment train --help`)")
 
 

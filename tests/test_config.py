@@ -167,7 +167,7 @@ def test_bad_config_file(tmp_path, content, match):
 
 
 INVALID = [
-    ("n_train", -1), ("n_test", -5), ("epochs", 0), ("epochs", -1), ("micro_batch_size", 0),
+    ("n_train", -1), ("n_test", -5), ("epochs", 0), ("epochs", -1), ("micro_batch_size", -1), ("global_batch_size", -8),
     ("grad_accum_steps", 0), ("eval_batch_size", 0), ("max_length", 0), ("max_length", 4), ("lr", 0.0),
     ("lr", -1e-5), ("lr", float("nan")), ("weight_decay", -0.1), ("max_grad_norm", -1.0), ("adam_eps", 0.0),
     ("val_fraction", 1.0), ("val_fraction", -0.1), ("warmup_ratio", 1.5), ("adam_beta1", 1.0),

@@ -201,8 +201,13 @@ def test_out_of_memory_is_one_error_line_with_the_fix(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, "-m", "sentiment", "train", *cli_args(values)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
-    expected = ("error: out of memory at micro_batch_size=4096, max_length=512: lower --micro_batch_size and raise "
-                "--grad_accum_steps to keep the global batch of 4096, or pass --gradient_checkpointing true")
+    expected = ("error: out of memory at micro_batch_size=4096, max_length=512: pass --micro_batch_size auto (the "
+                "largest micro-batch that fits, same global batch), --gradient_checkpointing true, or --precision bf16 "
+                "(fp16 on GPUs without bf16); or by hand lower --micro_batch_size and raise --grad_accum_steps to keep "
+                "the global batch of 4096")
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the probe saw it coming: the header warned, with the same fixes, before the first step
+    assert "activations over the device's memory at micro 4096 x 512 tokens (probe)" in proc.stdout, proc.stdout[-3000:]
+    assert "warning: this run will not fit in cuda:0 memory" in proc.stdout, proc.stdout[-3000:]
     assert expected in proc.stderr.splitlines(), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]

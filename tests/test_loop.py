@@ -84,9 +84,10 @@ def test_out_of_memory_becomes_one_line_with_the_fix():
     with pytest.raises(TrainingError) as raised:
         with out_of_memory_is_an_error(micro_batch_size=32, max_length=512, global_batch=64):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    assert str(raised.value) == ("out of memory at micro_batch_size=32, max_length=512: lower --micro_batch_size and "
-                                 "raise --grad_accum_steps to keep the global batch of 64, or pass "
-                                 "--gradient_checkpointing true")
+    assert str(raised.value) == ("out of memory at micro_batch_size=32, max_length=512: pass --micro_batch_size auto "
+                                 "(the largest micro-batch that fits, same global batch), --gradient_checkpointing "
+                                 "true, or --precision bf16 (fp16 on GPUs without bf16); or by hand lower "
+                                 "--micro_batch_size and raise --grad_accum_steps to keep the global batch of 64")
     assert raised.value.__suppress_context__  # no traceback of the allocator's error under it
     with pytest.raises(RuntimeError, match="^a bug$"):  # anything else passes through as it is
         with out_of_memory_is_an_error(32, 512, 64):
