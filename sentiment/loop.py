@@ -14,8 +14,8 @@ import torch
 
 from sentiment import checkpoint as ckpt
 from sentiment.engine import Engine
-from sentiment.fit import MEMORY_FIXES
 from sentiment.errors import TrainingError
+from sentiment.fit import MEMORY_FIXES
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
