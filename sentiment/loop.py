@@ -59,7 +59,8 @@ def is_bad(loss: float, grad_norm: float, scaler: torch.amp.GradScaler) -> bool:
 def too_many_bad_steps(bad_steps: int, step: int, out: Path) -> TrainingError:
     saved = ckpt.checkpoint_paths(out / ckpt.CHECKPOINT_DIR)
     return TrainingError(f"{bad_steps} consecutive steps had a non-finite loss or gradient (last at step {step}); "
-                         + (f"the newest checkpoint, {saved[0]}, is intact" if saved else "no checkpoint was written yet")
+                         + (f"the newest checkpoint, {saved[0]}, is intact" if saved
+                            else "no checkpoint was written yet")
                          + ". Lower --lr, check the data, or use --precision fp32")
 
 

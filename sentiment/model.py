@@ -73,9 +73,9 @@ def load_model_config(name: str, dropout: float = -1.0):
 def load_model(name: str, dropout: float = -1.0, gradient_checkpointing: bool = False, config=None,
                trained_head: bool = False):
     """A sequence classifier on SDPA attention (fused kernels), built from `config` (if None, from
-    load_model_config(name, dropout)). The classification head is new (randomly initialised from the current torch seed) when the
-    checkpoint is a plain encoder such as bert-base-uncased; trained_head=True (evaluate, predict) refuses that:
-    an untrained head would score reviews at random."""
+    load_model_config(name, dropout)). The classification head is new (randomly initialised from the current
+    torch seed) when the checkpoint is a plain encoder such as bert-base-uncased; trained_head=True (evaluate,
+    predict) refuses that: an untrained head would score reviews at random."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 

@@ -253,7 +253,7 @@ class RunLog:
         self.write({"step": step, "epoch": epoch, "split": split, **metrics})
         if self.engine.is_main:
             LOG.info(f"eval epoch {epoch} | {split} | loss {metrics['loss']:.4f} | accuracy "
-                           f"{metrics['accuracy']:.4f} | f1 {metrics['f1']:.4f}" + (" | best so far" if is_best else ""))
+                     f"{metrics['accuracy']:.4f} | f1 {metrics['f1']:.4f}" + (" | best so far" if is_best else ""))
 
     def final(self, results: dict) -> None:
         """The test metrics, to TensorBoard with the config as hyperparameters (its HPARAMS tab compares runs)."""

@@ -198,7 +198,8 @@ def print_header(cfg: Config, engine: Engine, env: dict, splits: Splits, model: 
                  f"test {len(splits.test)} reviews | model {count_params(model)[0] / 1e6:.3g}M parameters")
     steps = f"max_steps {cfg.max_steps}" if cfg.max_steps else f"x {cfg.epochs} epochs = {cfg.epochs * steps_per_epoch}"
     engine.print(f"batch: global {plan.global_batch} = micro {plan.micro} x accum {plan.accum} x "
-                 f"world {engine.world_size} | {steps_per_epoch} steps/epoch {steps} steps | warmup {warmup_steps} steps"
+                 f"world {engine.world_size} | {steps_per_epoch} steps/epoch {steps} steps | "
+                 f"warmup {warmup_steps} steps"
                  + (f" | resuming at step {resumed_at}" if resumed_at is not None else ""))
     if plan.why:
         engine.print(f"fit: {plan.why}")
