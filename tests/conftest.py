@@ -221,6 +221,15 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 300, env: dict | No
     return out
 
 
+def audited_folders(folder: Path, third: str) -> tuple[Path, Path, Path]:
+    """(watch, audit, third) folders under `folder` for a run audited with AUDIT_HOOK: the run goes under
+    watch/, rank > 0's recorded writes into audit/."""
+    paths = folder / "watch", folder / "audit", folder / third
+    for path in paths:
+        path.mkdir()
+    return paths
+
+
 # Python run in every rank other than 0 before the program: it records each write-like file operation under
 # $AUDIT_WATCH into $AUDIT_LOGS/writes_rank<R>.txt, after one probe write there to prove the hook sees writes.
 AUDIT_HOOK = r"""

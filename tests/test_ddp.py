@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import AUDIT_HOOK, REPO, cli_args, read_metrics, saved_weights, torchrun
+from conftest import AUDIT_HOOK, REPO, audited_folders, cli_args, read_metrics, saved_weights, torchrun
 
 from sentiment.config import Config
 from sentiment.data import eval_batches
@@ -52,9 +52,7 @@ sys.exit(main(sys.argv[1:]))
 def ddp_run(tiny_dirs, tmp_path_factory) -> dict:
     """Run (c) under torchrun: its output folder, per-rank console logs and rank 1's file writes."""
     folder = tmp_path_factory.mktemp("ddp")
-    watch, audit, logs = folder / "watch", folder / "audit", folder / "logs"
-    for d in (watch, audit, logs):
-        d.mkdir()
+    watch, audit, logs = audited_folders(folder, "logs")
     script = folder / "audited_cli.py"
     script.write_text(AUDITED_CLI)
     run = watch / "run"

@@ -37,7 +37,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import AUDIT_HOOK, REPO, cli_args
+from conftest import AUDIT_HOOK, REPO, audited_folders, cli_args
 
 from sentiment.config import Config
 from sentiment.train import train
@@ -179,9 +179,7 @@ def run_nodes(launch: list[str], logs: list[Path], env: dict, timeout: float) ->
 def two_nodes(tiny_dirs, tmp_path_factory) -> dict:
     """The two-node run: its output folder, settings, each node's log, each worker's ranks and rank > 0's writes."""
     folder = tmp_path_factory.mktemp("multinode")
-    watch, audit, hooks = folder / "watch", folder / "audit", folder / "hooks"
-    for d in (watch, audit, hooks):
-        d.mkdir()
+    watch, audit, hooks = audited_folders(folder, "hooks")
     (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
     run = watch / "run"
     values = settings(*tiny_dirs, run)
