@@ -59,6 +59,7 @@ class Config:
     adam_beta1: float = 0.9  # AdamW decay rate of the gradient mean
     adam_beta2: float = 0.999  # AdamW decay rate of the squared-gradient mean
     adam_eps: float = 1e-8  # AdamW denominator floor
+    layer_lr_decay: float = 0.0  # layer-wise lr decay (Sun et al. 2019): layer l of L gets lr x decay^(L-l), embeddings the lowest, the classifier head the peak; 0 or 1 = off
     warmup_ratio: float = 0.0  # share of optimizer steps with linear warmup from 0 (then linear decay to 0)
     max_grad_norm: float = 1.0  # clip the global gradient L2 norm to this; 0 = no clipping
     seed: int = 42  # subset selection, shuffling, head init and dropout
@@ -107,6 +108,8 @@ class Config:
         for name in ("val_fraction", "warmup_ratio"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1)")
+        if not 0.0 <= self.layer_lr_decay <= 1.0:
+            raise ConfigError(f"layer_lr_decay={self.layer_lr_decay} must be in [0, 1] (Sun et al. use 0.95; 0 or 1 = off)")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1)")

@@ -117,12 +117,48 @@ def check_max_length(max_length: int, config) -> None:
                           f"use --max_length {positions} or less")
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: biases and LayerNorm weights (all 1-D tensors) get no weight decay, as in
-    BERT's original optimizer and the Trainer."""
+def param_groups(model: torch.nn.Module, weight_decay: float, layer_lr_decay: float = 0.0) -> list[dict]:
+    """AdamW's groups. Decay matrices only: biases and LayerNorm weights (all 1-D tensors) get no weight decay,
+    as in BERT's original optimizer and the Trainer. Each group's `lr_scale` multiplies the scheduled lr; with
+    layer_lr_decay off (0 or 1) it is 1.0 in both groups, else each layer gets its own pair of groups at
+    layer_scales' rates (embeddings first, head last)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    if layer_lr_decay in (0.0, 1.0):
+        return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, "lr_scale": 1.0},
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr_scale": 1.0}]
+    groups = []
+    for _, scale, layer in layer_scales(model, layer_lr_decay):
+        trainable = [p for p in layer if p.requires_grad]
+        groups += [{"params": ps, "weight_decay": wd, "lr_scale": scale}
+                   for ps, wd in (([p for p in trainable if p.ndim >= 2], weight_decay),
+                                  ([p for p in trainable if p.ndim < 2], 0.0)) if ps]
+    return groups
+
+
+def layer_scales(model: torch.nn.Module, decay: float) -> list[tuple[str, float, list[torch.nn.Parameter]]]:
+    """[(name, lr scale, parameters)] from the bottom up, for layer-wise lr decay (Sun et al. 2019): with L
+    encoder layers, the embeddings are layer 0 (scale decay^L), encoder layer l is decay^(L-l), and the head
+    (everything above the encoder: pooler, classifier) is at the peak, 1. BERT-family models only: those
+    whose base model has `embeddings` and `encoder.layer` (BERT, RoBERTa, ELECTRA, MiniLM...)."""
+    base = getattr(model, "base_model", None)
+    layers = getattr(getattr(base, "encoder", None), "layer", None)
+    if base is None or not hasattr(base, "embeddings") or not isinstance(layers, torch.nn.ModuleList):
+        raise ConfigError("layer_lr_decay needs a BERT-family model (base_model.embeddings and "
+                          f"base_model.encoder.layer); {type(model).__name__} has no such layers: use "
+                          "--layer_lr_decay 0")
+    n = len(layers)
+    stack = [("embeddings", base.embeddings)] + [(str(i + 1), layer) for i, layer in enumerate(layers)]
+    named = [(name, decay ** (n - depth), list(module.parameters())) for depth, (name, module) in enumerate(stack)]
+    below = {id(p) for _, _, ps in named for p in ps}
+    return named + [("head", 1.0, [p for p in model.parameters() if id(p) not in below])]
+
+
+def layer_lr_line(model: torch.nn.Module, lr: float, decay: float) -> str:
+    """The header's one line of per-layer rates, as multiples of the scheduled lr (peak `lr`):
+    `lr: layer decay 0.95 of peak 2.0e-05: embeddings x0.54 | layers 1-12 x0.57 0.60 ... 1.00 | head x1.00`."""
+    (_, bottom, _), *layers, (_, top, _) = layer_scales(model, decay)
+    middle = f" | layers 1-{len(layers)} x" + " ".join(f"{scale:.2f}" for _, scale, _ in layers) if layers else ""
+    return f"lr: layer decay {decay:g} of peak {lr:.1e}: embeddings x{bottom:.2f}{middle} | head x{top:.2f}"
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:

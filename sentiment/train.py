@@ -28,7 +28,7 @@ from sentiment.engine import Engine, setup_engine
 from sentiment.evaluate import evaluate
 from sentiment.loop import (StopRequest, ignore_stop_signals, is_bad, lr_at, out_of_memory_is_an_error, set_lr,
                             step_totals, token_counts, too_many_bad_steps)
-from sentiment.model import count_params, load_checked, load_model, param_groups
+from sentiment.model import count_params, layer_lr_line, load_checked, load_model, param_groups
 from sentiment.report import misclassified, write_report
 from sentiment.runlog import (RunLog, StepClock, TimedBatches, check_report_to, console, environment, git_commit,
                               quiet_libraries)
@@ -80,7 +80,7 @@ def run(cfg: Config, engine: Engine) -> dict:
     engine.seed_per_rank(cfg.seed)  # from here on torch draws dropout masks, which must differ across ranks
     model = engine.wrap(model, compile=cfg.compile)
     raw_model = engine.unwrap(model)  # without DDP and compile wrappers: for clipping and saving
-    optimizer = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=cfg.lr,
+    optimizer = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay, cfg.layer_lr_decay), lr=cfg.lr,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=engine.fused_adamw)
     scaler = engine.grad_scaler()  # a disabled scaler (fp32/bf16) passes everything through
     plan = fit.fit_micro_batch(plan, cfg, engine, raw_model, splits.train, tokenizer.pad_token_id)  # auto: probes
@@ -203,6 +203,8 @@ def print_header(cfg: Config, engine: Engine, env: dict, splits: Splits, model: 
                  + (f" | resuming at step {resumed_at}" if resumed_at is not None else ""))
     if plan.why:
         engine.print(f"fit: {plan.why}")
+    if cfg.layer_lr_decay not in (0.0, 1.0):
+        engine.print(layer_lr_line(model, cfg.lr, cfg.layer_lr_decay))
     free = engine.memory()["free"]
     params = [(p.numel(), p.element_size(), p.requires_grad) for p in model.parameters()]
     for line in fit.memory_lines(fit.memory_estimate(params, plan.activations, free), free, plan, str(engine.device)):

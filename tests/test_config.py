@@ -64,6 +64,13 @@ def test_precedence_defaults_preset_file_cli(tmp_path):
     assert cli.lr == 3e-5 and cli.weight_decay == 0.01
 
 
+@pytest.mark.parametrize("value", [-0.1, 1.5])
+def test_layer_lr_decay_is_a_factor_in_0_1(value):
+    with pytest.raises(ConfigError, match=rf"^layer_lr_decay={value} must be in \[0, 1\]"):
+        Config(layer_lr_decay=value)
+    assert Config(layer_lr_decay=1).layer_lr_decay == 1.0  # off, like 0
+
+
 def test_a_runs_config_json_is_a_valid_config_file(tmp_path):
     cfg = Config(lr=1e-4, truncation="tail", group_by_length=False)
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))

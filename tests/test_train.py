@@ -279,3 +279,10 @@ def test_validation_split_selects_the_best_model(tiny_config, tmp_path):
     assert best["step"] == best_epoch * 9  # 72 training reviews / 8
     saved = saved_weights(out)
     assert all(torch.equal(saved[k], best["model"][k]) for k in saved)  # the best one is what is saved
+
+
+def test_layer_lr_decay_run_prints_its_rates_and_finishes(tiny_config, capsys):
+    results = train(tiny_config(layer_lr_decay=0.9, epochs=1, log_every=0))
+    out = capsys.readouterr().out
+    assert "lr: layer decay 0.9 of peak 3.0e-03: embeddings x0.81 | layers 1-2 x0.90 1.00 | head x1.00\n" in out
+    assert results["steps"] == 12
