@@ -51,17 +51,37 @@ def test_precedence_defaults_preset_file_cli(tmp_path):
     file = tmp_path / "c.json"
     file.write_text(json.dumps({"lr": 1e-4, "epochs": 5, "seed": 7}))
     preset = PRESETS["full"]
-    assert preset["lr"] == 2e-5 and preset["epochs"] == 2
+    assert preset["lr"] == 2e-5 and preset["epochs"] == 4
     cfg = build_config("full", str(file), {"epochs": "4"})
     assert cfg.epochs == 4  # CLI beats file beats preset
     assert cfg.lr == 1e-4 and cfg.seed == 7  # file beats preset and defaults
-    assert cfg.warmup_ratio == 0.06 and cfg.n_train == 0  # preset beats defaults
-    assert cfg.max_length == 512  # untouched default
+    assert cfg.warmup_ratio == 0.1 and cfg.n_train == 0  # preset beats defaults
+    assert cfg.adam_eps == 1e-8  # untouched default
     # the same through the command line
     _, _, cli = parse(["train", "--preset", "full", "--config", str(file), "--epochs", "4"])
     assert cli == cfg
     _, _, cli = parse(["--preset", "full", "--lr", "3e-5"])
     assert cli.lr == 3e-5 and cli.weight_decay == 0.01
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_builds_a_valid_config(name):
+    cfg = build_config(name)
+    assert {k: getattr(cfg, k) for k in PRESETS[name]} == PRESETS[name]
+
+
+def test_the_full_presets_are_sun_et_al_on_imdb():
+    cfg = build_config("full")
+    assert (cfg.n_train, cfg.val_fraction, cfg.max_length, cfg.truncation) == (0, 0.1, 512, "head_tail")
+    assert (cfg.lr, cfg.warmup_ratio, cfg.weight_decay, cfg.layer_lr_decay) == (2e-5, 0.1, 0.01, 0.95)
+    assert (cfg.global_batch_size, cfg.micro_batch_size) == (32, 0)  # micro-batch auto
+    assert build_config("full_pretrained") == cfg  # the recipe; the encoder comes with --model_name_or_path
+
+
+def test_the_cpu_minilm_preset_parses_on_the_command_line():
+    _, _, cfg = parse(["train", "--preset", "cpu_minilm", "--epochs", "1"])
+    assert cfg.model_name_or_path == "sentence-transformers/all-MiniLM-L6-v2" and cfg.epochs == 1
+    assert (cfg.n_train, cfg.max_length, cfg.truncation, cfg.precision) == (2000, 256, "head_tail", "auto")
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.5])
