@@ -5,6 +5,7 @@
 #   make smoke                      a tiny random model end to end, offline, in seconds
 #   make ddp NPROC=2 ARGS="..."     the same training under torchrun (DDP)
 #   make bench / make compare       speed against the HF Trainer / per-step parity with it
+#   make seeds ARGS="--seeds 1,2,3 -- FLAGS"   one training per seed, then mean ± std of the test metrics
 # Everything lives in a virtual environment ($(VENV)); point VENV at an existing one to reuse it.
 
 PYTHON ?= python3
@@ -19,7 +20,7 @@ SHARED ?= ../shared/imdb
 DATA ?= runs/imdb_split
 RUN ?= runs/latest
 
-.PHONY: install install-test train test test-gpu smoke ddp bench compare data plot clean
+.PHONY: install install-test train test test-gpu smoke ddp bench compare seeds data plot clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +72,9 @@ bench: install-test
 
 compare: install-test
 	$(PY) scripts/compare_with_trainer.py $(ARGS)
+
+seeds: install
+	$(PY) scripts/seeds.py $(ARGS)
 
 plot: install
 	$(PY) -m sentiment plot $(RUN)
