@@ -28,9 +28,10 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> flo
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
-    """Write `lr` into every parameter group (the schedule is ours, not a torch LRScheduler); returns it."""
+    """Write `lr` x the group's lr_scale into every parameter group (the schedule is ours, not a torch
+    LRScheduler; lr_scale is 1 except with layer-wise lr decay, see model.param_groups); returns `lr`."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     return lr
 
 

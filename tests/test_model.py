@@ -123,8 +123,6 @@ def test_layer_decay_refuses_a_model_without_bert_layers():
     assert len(param_groups(torch.nn.Linear(2, 2), 0.0, 0.0)) == 2  # off: any model
 
 
-@pytest.mark.xfail(strict=True, reason="loop.set_lr writes the same lr into every group: it must multiply by "
-                                       "group['lr_scale'] (a change to loop.py; then drop this marker)")
 def test_set_lr_honours_each_groups_lr_scale(model):
     from sentiment.loop import set_lr
 
