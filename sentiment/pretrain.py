@@ -61,6 +61,7 @@ def run(cfg: Config, engine: Engine) -> dict:
     # ------------------------------------------------------------------------------ setup
     folder = rundir.inspect(out)
     resume, finished = rundir.plan_start(cfg, folder, engine.print)
+    refuse_other_command(resume)
     if finished is not None:
         return finished
     check_report_to(cfg)
@@ -172,6 +173,13 @@ def run(cfg: Config, engine: Engine) -> dict:
             stop.immediate = FINAL_STOP
             return finish(cfg, engine, model, tokenizer, train_split, val_split, masker, collate, progress,
                           last_eval, log, env, started, plan)
+
+
+def refuse_other_command(resume: ckpt.Resume | None) -> None:
+    """A checkpoint of `sentiment train` holds a classifier's state, not a masked-LM's: refuse it in one line."""
+    if resume and ckpt.load_checkpoint(resume.path, mmap=True).get("command") != "pretrain":
+        raise ConfigError(f"checkpoint {resume.path} was written by `sentiment train`, not `sentiment pretrain`; "
+                          "pass a pretrain run's --output_dir, or another one for a new run")
 
 
 def masked_token_weights(batches: list[dict], engine: Engine) -> list[dict]:

@@ -10,10 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import metrics_rows, read_metrics, saved_weights, sigterm_at_step, write
+from conftest import cli_args, metrics_rows, read_metrics, saved_weights, sigterm_at_step, torchrun, write
 
 from sentiment.cli import main
 from sentiment.config import Config
+from sentiment.errors import ConfigError
 from sentiment.mlm_data import IGNORE, MaskedTexts, Masker, MLMCollator, read_unlabeled, tokenize_texts
 from sentiment.model import load_model
 from sentiment.pretrain import pretrain
@@ -161,6 +162,33 @@ def test_accumulation_equals_one_big_batch(mlm_config, tmp_path):
     assert np.allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-5, atol=1e-6)
     wa, wb = saved_weights(tmp_path / "one"), saved_weights(tmp_path / "two")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_ddp_equals_one_process_accumulating(mlm_config, tmp_path):
+    """torchrun, 2 CPU processes x micro 4 = one process x micro 4 x accum 2: the same masks (per text, not per
+    rank) and the predicted-token count all-reduced, so the same losses, evaluations and weights."""
+    same = dict(epochs=1, micro_batch_size=4, dropout=0.0, mlm_val_fraction=0.1)
+    single = mlm_config(grad_accum_steps=2, output_dir=str(tmp_path / "single"), **same)
+    pretrain(single)
+    ddp = mlm_config(output_dir=str(tmp_path / "ddp"), **same)
+    values = {k: v for k, v in ddp.to_dict().items() if k in ("model_name_or_path", "train_file", "max_length",
+                                                             "epochs", "micro_batch_size", "lr", "dropout", "device",
+                                                             "precision", "mlm_val_fraction", "output_dir")}
+    torchrun(["-m", "sentiment", "pretrain", *cli_args(values)])
+    a, b = metrics_rows(tmp_path / "single"), metrics_rows(tmp_path / "ddp")
+    assert [r.get("loss", r.get("mlm_loss")) for r in a] == pytest.approx([r.get("loss", r.get("mlm_loss")) for r in b],
+                                                                          rel=1e-6)
+    wa, wb = saved_weights(tmp_path / "single"), saved_weights(tmp_path / "ddp")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_a_train_checkpoint_is_refused(tiny_config):
+    """--resume auto into a `sentiment train` run folder, with the very same config: refused in one line, nothing
+    loaded into the wrong model (other flags would already differ: refuse_conflicts)."""
+    cfg = tiny_config(max_steps=4)
+    assert sigterm_at_step(Path(cfg.output_dir), 1, lambda: train(cfg)) == 143  # an unfinished train run
+    with pytest.raises(ConfigError, match="written by `sentiment train`, not `sentiment pretrain`"):
+        pretrain(tiny_config(max_steps=4, resume="auto"))
 
 
 # ----------------------------------------------------------------------------- sources and bad inputs
