@@ -317,9 +317,15 @@ RESUME_SAFE_FIELDS = frozenset({
 
 
 def resume_conflicts(saved: dict, cfg: Config) -> list[str]:
-    """Fields whose value differs between a checkpoint's config and this run, and that matter."""
-    now = cfg.to_dict()
-    return sorted(k for k in now if k not in RESUME_SAFE_FIELDS and saved.get(k) != now[k])
+    """Fields whose value differs between a checkpoint's config and this run, and that matter. A field the saved
+    config lacks was added since that run was written, which then behaved as its default."""
+    now, default = cfg.to_dict(), _defaults()
+    return sorted(k for k in now if k not in RESUME_SAFE_FIELDS and saved.get(k, default[k]) != now[k])
+
+
+@functools.cache
+def _defaults() -> dict:
+    return Config().to_dict()
 
 
 def refuse_conflicts(saved: dict, cfg: Config, what: str) -> None:

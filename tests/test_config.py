@@ -267,3 +267,11 @@ def test_resume_conflicts_list_the_fields_that_matter():
     saved = Config(lr=1e-4).to_dict()
     assert resume_conflicts(saved, Config(lr=2e-4, log_every=3, output_dir="x")) == ["lr"]
     assert resume_conflicts(saved, Config(lr=1e-4, eval_batch_size=7)) == []
+
+
+def test_a_field_added_since_a_run_was_saved_counts_as_its_default():
+    """A checkpoint of an older version lacks the fields added since (max_steps, ...): that run behaved as
+    their defaults, so resuming it with the defaults is no conflict, and with another value it is."""
+    saved = {k: v for k, v in Config(lr=1e-4).to_dict().items() if k not in ("max_steps", "layer_lr_decay")}
+    assert resume_conflicts(saved, Config(lr=1e-4)) == []
+    assert resume_conflicts(saved, Config(lr=1e-4, max_steps=7)) == ["max_steps"]
