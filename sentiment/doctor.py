@@ -16,10 +16,9 @@ import time
 import warnings
 from importlib import metadata
 from pathlib import Path
-from urllib.parse import urlparse
 
 from sentiment.errors import ConfigError, SentimentError
-from sentiment.hub import LOOKUP_TIMEOUT_S, host_resolves
+from sentiment.hub import LOOKUP_TIMEOUT_S, chosen_outside, host_resolves, hub_host
 
 # Largest relative error of the loss and of the gradient norm against the fp32 CPU reference. Measured on an AMD
 # EPYC with AVX512-BF16 (torch 2.13, 1 and 2 threads), the step below with seeds 0-15: bf16 at most 1.6e-4 (loss)
@@ -30,7 +29,6 @@ TOLERANCE = {"fp32": 2e-3, "bf16": 1e-2, "fp16": 2e-3}
 FP16_TRIES = 8  # GradScaler halves its scale after each overflowing (skipped) step, as in training
 ALL_REDUCE_TIMEOUT_S = 120.0  # two fresh Python processes importing torch, then one collective
 CPU_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2")  # bf16 in hardware, then wide vectors
-PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 YES = {True: "yes", False: "no"}
 
 
@@ -75,11 +73,11 @@ def cpu_facts() -> dict:
 
 def hub_facts() -> dict:
     """hub.py's decision (offline_if_unreachable) without acting on it: the doctor downloads nothing."""
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE"):
+    host, outside = hub_host(), chosen_outside()
+    if outside and outside[0] == "offline":
         state, detail = "offline", "offline mode is set: local folders and the HF cache only"
-    elif proxy := next((v for v in PROXY_VARS if os.environ.get(v)), ""):
-        state, detail = "proxy", f"not checked: {proxy} is set, the proxy resolves names"
+    elif outside:
+        state, detail = "proxy", f"not checked: {outside[1]} is set, the proxy resolves names"
     elif host_resolves(host):  # within LOOKUP_TIMEOUT_S
         state, detail = "reachable", "resolves: hub models and datasets can be downloaded"
     else:

@@ -16,6 +16,8 @@ import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 LOOKUP_TIMEOUT_S = 5.0  # a DNS server that does not answer at all would otherwise block for ~20 s
 
 
@@ -43,17 +45,26 @@ def host_resolves(host: str, timeout: float = LOOKUP_TIMEOUT_S) -> bool:
     return bool(found and found[0])
 
 
+def hub_host() -> str:
+    """The host the Hugging Face libraries download from (HF_ENDPOINT, else huggingface.co)."""
+    return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+
+
+def chosen_outside() -> tuple[str, str] | None:
+    """("offline", variable) when the user set offline mode, ("proxy", variable) when a proxy resolves names
+    for us (a local lookup then says nothing), else None: the lookup decides."""
+    offline = next((v for v in OFFLINE_VARS if os.environ.get(v)), "")
+    proxy = next((v for v in PROXY_VARS if os.environ.get(v)), "")
+    return ("offline", offline) if offline else ("proxy", proxy) if proxy else None
+
+
 def offline_if_unreachable(cfg, command: str) -> str:
     """Set HF_HUB_OFFLINE=1 when the config needs the hub and its host does not resolve; returns the
     line saying so, or "" when nothing was decided (the user chose already, a proxy may reach the hub,
     nothing needs the hub, or it resolves)."""
-    if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE"):
+    if chosen_outside() or not needs_hub(cfg, command):
         return ""
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return ""  # the proxy resolves names for us: a local lookup says nothing
-    if not needs_hub(cfg, command):
-        return ""
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    host = hub_host()
     if host_resolves(host):
         return ""
     os.environ["HF_HUB_OFFLINE"] = "1"

@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from sentiment import doctor
+from sentiment import doctor, hub
 from sentiment.cli import main
 from sentiment.engine import Engine, resolve_device
 
@@ -112,7 +112,7 @@ def test_hub_state_never_waits_long(monkeypatch):
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
     assert doctor.hub_facts()["state"] == "proxy"
-    for name in doctor.PROXY_VARS:
+    for name in hub.PROXY_VARS:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")  # .invalid never resolves (RFC 2606)
     facts = doctor.hub_facts()  # a DNS lookup of at most hub.LOOKUP_TIMEOUT_S
