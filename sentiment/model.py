@@ -122,17 +122,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float, layer_lr_decay: fl
     as in BERT's original optimizer and the Trainer. Each group's `lr_scale` multiplies the scheduled lr; with
     layer_lr_decay off (0 or 1) it is 1.0 in both groups, else each layer gets its own pair of groups at
     layer_scales' rates (embeddings first, head last)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    def decay_split(params, scale: float) -> list[dict]:
+        trainable = [p for p in params if p.requires_grad]
+        return [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay, "lr_scale": scale},
+                {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0, "lr_scale": scale}]
+
     if layer_lr_decay in (0.0, 1.0):
-        return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, "lr_scale": 1.0},
-                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr_scale": 1.0}]
-    groups = []
-    for _, scale, layer in layer_scales(model, layer_lr_decay):
-        trainable = [p for p in layer if p.requires_grad]
-        groups += [{"params": ps, "weight_decay": wd, "lr_scale": scale}
-                   for ps, wd in (([p for p in trainable if p.ndim >= 2], weight_decay),
-                                  ([p for p in trainable if p.ndim < 2], 0.0)) if ps]
-    return groups
+        return decay_split(model.parameters(), 1.0)
+    return [g for _, scale, layer in layer_scales(model, layer_lr_decay) for g in decay_split(layer, scale)
+            if g["params"]]
 
 
 def layer_scales(model: torch.nn.Module, decay: float) -> list[tuple[str, float, list[torch.nn.Parameter]]]:
