@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, when run as scripts/seeds.py
 
-from sentiment.checkpoint import atomic_write  # noqa: E402
+from sentiment.checkpoint import write_json  # noqa: E402
 
 METRICS = ("accuracy", "f1", "precision", "recall", "loss", "best_val_accuracy")  # as named in results.json
 OWN_FLAGS = ("--seed", "--output_dir")  # this script sets them, per seed
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         results[seed] = run_seed(seed, out / f"seed_{seed}", flags)
         summary = aggregate(results)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "seeds.json", lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode()))
+        write_json(out / "seeds.json", summary)
     print(table(summary))
     print(f"seeds: summary written to {out / 'seeds.json'}")
     return 0

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from sentiment import rundir
-from sentiment.checkpoint import TRAINING_CONFIG, atomic_write
+from sentiment.checkpoint import TRAINING_CONFIG, atomic_write, write_json
 from sentiment.config import Config
 from sentiment.data import LABEL_NAMES, collator, read_file, read_split, take, tokenize
 from sentiment.engine import Engine, setup_engine
@@ -125,11 +125,10 @@ def evaluate_command(cfg: Config, output: str = "") -> dict:
     refuse_to_replace(output, cfg)
     with inference_engine(cfg) as engine:
         metrics = evaluate_on(cfg, engine)
-        text = json.dumps(metrics, indent=2) + "\n"
         if engine.is_main:
-            sys.stdout.write(text)
+            sys.stdout.write(json.dumps(metrics, indent=2) + "\n")
             if output:
-                atomic_write(Path(output), lambda f: f.write(text.encode()))
+                write_json(Path(output), metrics)
                 LOG.info(f"metrics written to {output}")
     return metrics
 
