@@ -171,7 +171,7 @@ PRESETS: dict[str, dict] = {
     # A full-data fine-tune of bert-base-uncased, Sun et al.'s recipe (above).
     "full": dict(SUN_IMDB),
     # The same recipe for an encoder further pre-trained on IMDb text (Sun et al.'s ITPT): pass its folder with
-    # --model_name_or_path (the output of `sentiment pretrain`, say).
+    # --model_name_or_path (a save_pretrained folder of the masked-LM-trained encoder).
     "full_pretrained": dict(SUN_IMDB),
     # A laptop-sized run: all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT, 22M parameters) on 2,000 reviews at 256
     # tokens (head+tail), 2 epochs, 10% held out; bf16 where the CPU has it (precision auto decides).
