@@ -43,6 +43,11 @@ class BatchPlan:
     activations: float | None = None  # their bytes at `micro` (measured on CUDA), inf if it did not fit; None: unknown
 
 
+def trainable_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the trainable parameters: what their gradients take, and each of AdamW's two moments."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -107,7 +112,7 @@ def probe(model: torch.nn.Module, engine: Engine, batch: dict[str, torch.Tensor]
     F.cross_entropy(logits.float(), batch["labels"]).backward()
     del held, logits
     peak = engine.memory()["peak"]
-    return None if peak is None else max(0, peak - start - reserve - sum(p.numel() * p.element_size() for p in params))
+    return None if peak is None else max(0, peak - start - reserve - trainable_bytes(model))
 
 
 def fit_micro_batch(plan: BatchPlan, cfg: Config, engine: Engine, model: torch.nn.Module, split: TokenizedSplit,
@@ -123,7 +128,7 @@ def fit_micro_batch(plan: BatchPlan, cfg: Config, engine: Engine, model: torch.n
         return BatchPlan(share, 1, plan.world, plan.global_batch, f"micro_batch_size={share} grad_accum_steps=1 "
                          f"(auto on {engine.device.type}: no device memory to probe; the whole share of the global "
                          f"batch of {plan.global_batch} per forward)")
-    reserve = 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)  # exp_avg(_sq)
+    reserve = 2 * trainable_bytes(model)  # AdamW's exp_avg and exp_avg_sq
     rng, was_training, measured = engine.rng_state(), model.training, {}
     model.train()  # dropout and gradient checkpointing act in training mode only
     try:
