@@ -1,5 +1,6 @@
 # sentiment: fine-tune BERT on IMDb with a plain-PyTorch loop.
 #   make train ARGS="--epochs 1"    the tutorial run (installs first)
+#   make pretrain ARGS="..."        masked-LM further pre-training on unlabeled text (see README)
 #   make test                       the test suite, offline, CPU (installs first)
 #   make test-gpu                   only the tests that need a CUDA GPU (fp32/bf16/fp16, compile, NCCL, MFU, OOM)
 #   make smoke                      a tiny random model end to end, offline, in seconds
@@ -20,7 +21,7 @@ SHARED ?= ../shared/imdb
 DATA ?= runs/imdb_split
 RUN ?= runs/latest
 
-.PHONY: install install-test train test test-gpu smoke ddp bench compare seeds data plot clean
+.PHONY: install install-test train pretrain test test-gpu smoke ddp bench compare seeds data plot clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +44,9 @@ install-test: $(VENV)/.installed-test
 
 train: install
 	$(PY) -m sentiment train $(ARGS)
+
+pretrain: install
+	$(PY) -m sentiment pretrain $(ARGS)
 
 test: install-test
 	$(PY) -m pytest -q tests

@@ -25,7 +25,16 @@ EVALUATE_FIELDS = ("model_name_or_path", "dataset", "test_file", "data_dir", "n_
                    "overwrite")
 PREDICT_FIELDS = ("model_name_or_path", "max_length", "truncation", "padding", "eval_batch_size", "device",
                   "precision", "compile", "keep_freed_memory", "overwrite")
-COMMAND_FIELDS = {"train": tuple(f.name for f in fields(Config)), "evaluate": EVALUATE_FIELDS,
+PRETRAIN_FIELDS = ("dataset", "train_file", "data_dir", "max_length", "truncation", "padding", "group_by_length",
+                   "shuffle", "model_name_or_path", "dropout", "gradient_checkpointing", "epochs", "max_steps",
+                   "micro_batch_size", "grad_accum_steps", "global_batch_size", "eval_batch_size", "lr",
+                   "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "warmup_ratio", "max_grad_norm", "seed",
+                   "device", "precision", "compile", "keep_freed_memory", "num_workers", "output_dir", "overwrite",
+                   "log_every", "eval_every", "save_every", "keep_last", "resume", "max_bad_steps", "report_to",
+                   "mlm_probability", "whole_word_masking", "mlm_val_fraction")
+PRETRAIN_ONLY = ("mlm_probability", "whole_word_masking", "mlm_val_fraction")
+COMMAND_FIELDS = {"train": tuple(f.name for f in fields(Config) if f.name not in PRETRAIN_ONLY),
+                  "pretrain": PRETRAIN_FIELDS, "evaluate": EVALUATE_FIELDS,
                   "predict": PREDICT_FIELDS, "plot": (), "doctor": ("device", "precision")}
 COMMANDS = tuple(COMMAND_FIELDS)
 DEFAULTS = Config()
@@ -67,6 +76,8 @@ USAGE = {  # argparse would list every flag here; the groups below do that, with
                 "[--FLAG VALUE ...]",
     "predict": "sentiment predict (TEXT [TEXT ...] | --input FILE) --model_name_or_path RUN [--output FILE] "
                "[--FLAG VALUE ...]",
+    "pretrain": "sentiment pretrain --model_name_or_path MODEL (--train_file FILE | --data_dir DIR | --dataset NAME) "
+                "[--FLAG VALUE ...]",
     "plot": "sentiment plot RUN_DIR",
     "doctor": "sentiment doctor [--device DEVICE] [--precision PRECISION] [--json]",
 }
@@ -82,6 +93,18 @@ examples:
   # all-MiniLM-L6-v2 (a local folder, see README) on 1000 reviews, 10% held out to pick the best epoch
   sentiment train --model_name_or_path $MINILM --data_dir runs/imdb_split --val_fraction 0.1 \\
       --epochs 1 --max_length 256 --output_dir runs/minilm""",
+    "pretrain": """\
+Further pre-train the encoder with masked-LM (BERT's objective) on unlabeled text, e.g. IMDb's 50,000
+unlabeled reviews; labels are ignored. A held-out slice (--mlm_val_fraction) gives MLM loss and accuracy at
+each evaluation. RUN/model is then a --model_name_or_path for `sentiment train`.
+
+examples:
+  # all-MiniLM-L6-v2 (no MLM head: a new one is tied to its embeddings) on IMDb's unlabeled reviews
+  sentiment pretrain --model_name_or_path $MINILM --train_file ../shared/imdb/unsupervised.parquet \\
+      --max_length 256 --micro_batch_size 32 --epochs 1 --lr 1e-4 --warmup_ratio 0.06 --output_dir runs/mlm
+  # then: sentiment train --model_name_or_path runs/mlm/model ...; a .txt file (one text per line) works too
+  sentiment pretrain --model_name_or_path runs/tiny/model --train_file texts.txt --max_length 64 \\
+      --whole_word_masking --max_steps 100 --output_dir runs/tiny/mlm""",
     "evaluate": """\
 Measure a trained model on the test split: prints loss, accuracy, precision, recall, F1 and the
 confusion matrix as JSON on stdout (and into --output). It reads reviews with the max_length and
@@ -170,7 +193,7 @@ def make_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--config", default="", metavar="FILE",
                             help="a JSON file of field: value (a run's config.json works); flags override it")
     groups: dict[str, argparse._ArgumentGroup] = {}
-    for name in (n for n in COMMAND_FIELDS["train"] if n in COMMAND_FIELDS[command]):  # Config's order
+    for name in (f.name for f in fields(Config) if f.name in COMMAND_FIELDS[command]):  # Config's order
         group, text = field_docs()[name]  # a field without its comment fails here, loudly
         if group not in groups:
             groups[group] = parser.add_argument_group(group)
@@ -197,7 +220,7 @@ def unknown_flag(command: str, token: str) -> ConfigError:
     close = difflib.get_close_matches(flag, flag_names(command), n=1)
     if close:
         return ConfigError(f"unknown flag {flag}; did you mean {close[0]}?{see}")
-    close = difflib.get_close_matches(flag, flag_names("train"), n=1)  # a misspelt flag of another command
+    close = difflib.get_close_matches(flag, [f"--{f.name}" for f in fields(Config)], n=1)  # another command's
     return ConfigError(f"unknown flag {flag}" + (f"; {close[0]} is a flag of {' and '.join(users(close[0]))} only"
                                                  if close else "") + see)
 
@@ -237,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         command, args, cfg = parse(argv)
-        console("stdout" if command == "train" else "stderr")  # predict, evaluate: stdout holds only results
+        console("stdout" if command in ("train", "pretrain") else "stderr")  # predict, evaluate: only results on stdout
         if cfg is not None and command != "doctor":  # the doctor reports the hub's state, and changes nothing
             from sentiment.hub import offline_if_unreachable
             note = offline_if_unreachable(cfg, command)  # before transformers/datasets are imported
@@ -246,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         if command == "train":
             from sentiment.train import train
             train(cfg)
+        elif command == "pretrain":
+            from sentiment.pretrain import pretrain
+            pretrain(cfg)
         elif command == "evaluate":
             from sentiment.commands import evaluate_command
             evaluate_command(cfg, args.output)

@@ -81,6 +81,11 @@ class Config:
     max_bad_steps: int = 5  # stop after this many consecutive non-finite steps (fp32/bf16)
     report_to: str = "none"  # none | tensorboard (needs the `tensorboard` package)
 
+    # pretraining
+    mlm_probability: float = 0.15  # share of non-special tokens to predict per text (80% [MASK], 10% random, 10% kept)
+    whole_word_masking: bool = False  # mask a WordPiece word (a token and its ## pieces) whole, or not at all
+    mlm_val_fraction: float = 0.02  # share of the texts held out for MLM loss and accuracy at each evaluation; 0 = off
+
     def __post_init__(self) -> None:
         for name, kind in _field_types().items():
             value = _typed(name, kind, getattr(self, name))
@@ -105,7 +110,7 @@ class Config:
             raise ConfigError(f"max_length={self.max_length} is too short; use at least 8 (BERT allows 512)")
         if self.weight_decay < 0 or self.max_grad_norm < 0 or self.adam_eps <= 0:
             raise ConfigError("weight_decay and max_grad_norm must be >= 0 and adam_eps > 0")
-        for name in ("val_fraction", "warmup_ratio"):
+        for name in ("val_fraction", "warmup_ratio", "mlm_val_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1)")
         if not 0.0 <= self.layer_lr_decay <= 1.0:
@@ -113,6 +118,8 @@ class Config:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1)")
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise ConfigError(f"mlm_probability={self.mlm_probability} must be in (0, 1) (BERT's: 0.15)")
         if not (self.dropout == -1.0 or 0.0 <= self.dropout < 1.0):
             raise ConfigError(f"dropout={self.dropout} must be in [0, 1), or -1 for the model's own")
         for name, allowed in (("truncation", TRUNCATIONS), ("padding", PADDINGS),

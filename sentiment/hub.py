@@ -23,10 +23,10 @@ LOOKUP_TIMEOUT_S = 5.0  # a DNS server that does not answer at all would otherwi
 
 def needs_hub(cfg, command: str) -> bool:
     """True when the config names something only the hub has: a model that is not a local folder,
-    or (train/evaluate) a dataset with no local file or folder."""
+    or (train/pretrain/evaluate) a dataset with no local file or folder."""
     if not Path(cfg.model_name_or_path).is_dir():
         return True
-    return command in ("train", "evaluate") and not (cfg.train_file or cfg.test_file or cfg.data_dir)
+    return command in ("train", "pretrain", "evaluate") and not (cfg.train_file or cfg.test_file or cfg.data_dir)
 
 
 def host_resolves(host: str, timeout: float = LOOKUP_TIMEOUT_S) -> bool:

@@ -249,11 +249,13 @@ class RunLog:
             LOG.info(format_step(row, self.total_steps))
         return row
 
-    def eval(self, step: int, epoch: int, split: str, metrics: dict, is_best: bool) -> None:
+    def eval(self, step: int, epoch: int, split: str, metrics: dict, is_best: bool,
+             shown: tuple[str, ...] = ("loss", "accuracy", "f1")) -> None:
+        """Log an evaluation: its row, and a line with the `shown` figures (pretrain: mlm_loss, mlm_accuracy)."""
         self.write({"step": step, "epoch": epoch, "split": split, **metrics})
         if self.engine.is_main:
-            LOG.info(f"eval epoch {epoch} | {split} | loss {metrics['loss']:.4f} | accuracy "
-                     f"{metrics['accuracy']:.4f} | f1 {metrics['f1']:.4f}" + (" | best so far" if is_best else ""))
+            LOG.info(f"eval epoch {epoch} | {split} | " + " | ".join(f"{k} {metrics[k]:.4f}" for k in shown)
+                     + (" | best so far" if is_best else ""))
 
     def final(self, results: dict) -> None:
         """The test metrics, to TensorBoard with the config as hyperparameters (its HPARAMS tab compares runs)."""

@@ -16,7 +16,7 @@ from sentiment.config import Config, field_docs
 
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = [f.name for f in fields(Config)]
-GROUPS = ("data", "model", "optimization", "system")
+GROUPS = ("data", "model", "optimization", "system", "pretraining")
 TRAINING_ONLY = ("lr", "epochs", "micro_batch_size", "output_dir", "resume", "warmup_ratio", "n_train", "val_fraction")
 
 
@@ -65,7 +65,7 @@ def test_every_field_has_a_group_and_a_meaning():
     assert all(group in GROUPS and text for group, text in field_docs().values())
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "predict"])
+@pytest.mark.parametrize("command", ["train", "pretrain", "evaluate", "predict"])
 def test_help_gives_each_flag_its_meaning_and_default_from_field_docs(command, monkeypatch):
     text = help_text(command, monkeypatch)
     for name in COMMAND_FIELDS[command]:
@@ -93,10 +93,11 @@ def test_cli_holds_no_copy_of_the_help_text():
     assert not copied, f"cli.py repeats Config's comments: {copied}"
 
 
-COMMAND_OPTIONS = {"train": ["--preset", "--config"], "evaluate": ["--output"], "predict": ["--input", "--output"]}
+COMMAND_OPTIONS = {"train": ["--preset", "--config"], "pretrain": [], "evaluate": ["--output"],
+                   "predict": ["--input", "--output"]}
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "predict"])
+@pytest.mark.parametrize("command", ["train", "pretrain", "evaluate", "predict"])
 def test_flags_are_grouped_as_in_config(command, monkeypatch):
     listed = sections(help_text(command, monkeypatch))
     for group in GROUPS:
@@ -149,14 +150,15 @@ def test_evaluate_and_predict_take_their_flags():
 def test_a_flag_of_another_command_is_one_line_naming_it(command, name, capsys):
     argv = [command, *(["great"] if command == "predict" else []), f"--{name}", "1"]
     assert main(argv) == 2
-    users = " and ".join(c for c in ("train", "evaluate") if name in COMMAND_FIELDS[c] or c == "train")
+    users = " and ".join(c for c in ("train", "pretrain", "evaluate")
+                         if name in COMMAND_FIELDS[c] or (c == "train" and name in ("preset", "config")))
     assert one_error_line(capsys) == (f"--{name} is not used by `sentiment {command}`, only by {users} "
                                       f"(see `sentiment {command} --help`)")
 
 
 def test_training_flag_to_predict(capsys):
     assert main(["predict", "a fine film", "--lr", "1e-4"]) == 2
-    assert one_error_line(capsys) == "--lr is not used by `sentiment predict`, only by train " \
+    assert one_error_line(capsys) == "--lr is not used by `sentiment predict`, only by train and pretrain " \
                                      "(see `sentiment predict --help`)"
 
 
@@ -223,10 +225,10 @@ def test_unknown_flag_close_match_and_unknown_command(capsys):
     assert main(["evaluate", "--n_tset", "3"]) == 2
     assert one_error_line(capsys) == "unknown flag --n_tset; did you mean --n_test? (see `sentiment evaluate --help`)"
     assert main(["evaluate", "--epoch", "3"]) == 2
-    assert one_error_line(capsys).startswith("unknown flag --epoch; --epochs is a flag of train only")
+    assert one_error_line(capsys).startswith("unknown flag --epoch; --epochs is a flag of train and pretrain only")
     assert main(["trian"]) == 2
-    assert one_error_line(capsys) == "unknown command 'trian'; did you mean train? (commands: train, evaluate, " \
-                                     "predict, plot, doctor)"
+    assert one_error_line(capsys) == "unknown command 'trian'; did you mean train? (commands: train, pretrain, " \
+                                     "evaluate, predict, plot, doctor)"
     assert main(["train", "stray"]) == 2
     assert one_error_line(capsys).startswith("unexpected argument 'stray'")
 

@@ -1,0 +1,152 @@
+"""Unlabeled text for masked-LM pre-training: reading it, a held-out slice, and the masking.
+
+Texts come from the same sources as `train` (a parquet/CSV/JSONL file with a `text` column or a .txt file
+with one text per line, a data_dir, a hub dataset); labels, if any, are ignored (-1 included). Masking is
+BERT's: per text, round(mlm_probability x its non-special tokens) positions (at least 1) are predicted;
+of those 80% become [MASK], 10% a random token, 10% stay. Each text's mask is drawn from its own NumPy
+generator seeded by (seed, epoch, text index): new masks every epoch (dynamic masking, as RoBERTa), the
+same wherever and however a global batch is split (micro-batches, ranks) and on a resumed run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sentiment.config import Config
+from sentiment.data import Collator, TokenizedSplit, data_dir_source, read_acl_imdb, read_hub, tokenize
+from sentiment.errors import DataError
+from sentiment.rows import row_location
+
+HUB_SPLITS = {"stanfordnlp/imdb": "unsupervised"}  # the hub split to read per dataset; "train" for others
+EVAL_EPOCH = 2**32  # the masking key of evaluations: the same masks at every evaluation, comparable losses
+IGNORE = -100  # the label of a position not predicted (cross_entropy's ignore_index)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_unlabeled(cfg: Config) -> tuple[list[str], str]:
+    """(texts, source) from --train_file, --data_dir (its train file, or aclImdb's train/pos+neg) or --dataset."""
+    from sentiment.commands import (
+        read_texts,  # parquet/CSV/JSONL `text` column, or .txt one per line
+    )
+
+    if cfg.train_file:
+        source = cfg.train_file
+        if source.endswith(".txt") and not Path(source).is_file():
+            raise DataError(f"data file {source} does not exist; check the path")
+        texts = read_texts(source)
+    elif cfg.data_dir:
+        source = data_dir_source(cfg.data_dir, "train")
+        texts = read_texts(source) if Path(source).is_file() else list(read_acl_imdb(Path(cfg.data_dir),
+                                                                                     "train")["text"])
+    else:
+        source = cfg.dataset_id
+        texts = [t or "" for t in read_hub(source, HUB_SPLITS.get(source, "train"))["text"]]
+    if not texts:
+        raise DataError(f"{source} holds no texts; pass a file with at least one non-empty text")
+    for row, text in enumerate(texts):
+        if not text.strip():
+            raise DataError(f"{row_location(source, row)}: empty or missing text; fill in its text or drop the row")
+    return texts, source
+
+
+def split_texts(texts: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(train, held out): a seeded random `fraction` of the texts held out (none if 0)."""
+    n_val = int(round(fraction * len(texts)))
+    if fraction > 0 and (n_val < 1 or len(texts) - n_val < 1):
+        raise DataError(f"mlm_val_fraction={fraction} of {len(texts)} texts leaves none to hold out or to train on; "
+                        "raise it, or set --mlm_val_fraction 0")
+    order = np.random.default_rng(seed).permutation(len(texts))
+    held = set(order[:n_val].tolist())
+    return [t for i, t in enumerate(texts) if i not in held], [t for i, t in enumerate(texts) if i in held]
+
+
+def tokenize_texts(texts: list[str], tokenizer, cfg: Config) -> TokenizedSplit:
+    """data.tokenize's flat arrays (cached datasets.map), with every label -1."""
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"text": texts, "label": [-1] * len(texts)})
+    return tokenize(ds, tokenizer, cfg.max_length, cfg.truncation)
+
+
+# ----------------------------------------------------------------------------- masking
+
+
+@dataclass(frozen=True)
+class Masker:
+    """BERT's masking of one text. Arrays are indexed by token id: `special` ([CLS], [SEP], [PAD], ...: never
+    predicted), `continuation` (WordPiece `##` pieces: with whole_word, they go with the token before)."""
+    special: np.ndarray  # (vocab,) bool
+    continuation: np.ndarray  # (vocab,) bool
+    mask_id: int
+    probability: float = 0.15
+    whole_word: bool = False
+    seed: int = 0
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, cfg: Config) -> "Masker":
+        n = len(tokenizer)
+        special = np.zeros(n, dtype=bool)
+        special[tokenizer.all_special_ids] = True
+        continuation = np.array([t.startswith("##") for t in tokenizer.convert_ids_to_tokens(list(range(n)))])
+        return cls(special, continuation, tokenizer.mask_token_id, cfg.mlm_probability, cfg.whole_word_masking,
+                   cfg.seed)
+
+    def __call__(self, ids: np.ndarray, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(input ids, labels): labels hold the original id where a token is predicted, IGNORE elsewhere."""
+        rng = np.random.default_rng([self.seed, epoch, index])
+        ids = ids.astype(np.int64)
+        candidates = np.flatnonzero(~self.special[ids])
+        labels = np.full(len(ids), IGNORE, dtype=np.int64)
+        if not len(candidates):
+            return ids, labels
+        budget = max(1, int(round(self.probability * len(candidates))))
+        if self.whole_word:  # a word = a candidate that is no ## piece, with the ## pieces after it
+            words = np.split(candidates, np.flatnonzero(~self.continuation[ids[candidates]][1:]) + 1)
+            chosen: list[int] = []
+            for w in rng.permutation(len(words)):  # whole words in random order, skipping one that overshoots
+                if len(chosen) + len(words[w]) <= budget:
+                    chosen.extend(words[w].tolist())
+            picked = np.sort(np.array(chosen, dtype=np.int64))
+        else:
+            picked = np.sort(rng.choice(candidates, size=budget, replace=False))
+        labels[picked] = ids[picked]
+        action = rng.random(len(picked))  # < 0.8: [MASK]; 0.8-0.9: a random non-special token; else kept
+        out = ids.copy()
+        out[picked[action < 0.8]] = self.mask_id
+        swap = picked[(action >= 0.8) & (action < 0.9)]
+        out[swap] = rng.choice(np.flatnonzero(~self.special), size=len(swap))
+        return out, labels
+
+
+class MaskedTexts(torch.utils.data.Dataset):
+    """One epoch's masked texts, indexed by (text index, loss weight) keys as `micro_batches` makes them."""
+
+    def __init__(self, split: TokenizedSplit, masker: Masker, epoch: int) -> None:
+        self.split, self.masker, self.epoch = split, masker, epoch
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key: tuple[int, float]) -> tuple[np.ndarray, np.ndarray, float]:
+        i, weight = key
+        ids, labels = self.masker(self.split.ids(i), self.epoch, i)
+        return ids, labels, weight
+
+
+@dataclass(frozen=True)
+class MLMCollator(Collator):
+    """data.Collator's padding of the input ids, with `labels` a (B, T) tensor: IGNORE on padding."""
+
+    def __call__(self, items: list[tuple[np.ndarray, np.ndarray, float]]) -> dict[str, torch.Tensor]:
+        batch = super().__call__([(ids, 0, weight) for ids, _, weight in items])
+        labels = torch.full_like(batch["input_ids"], IGNORE)
+        for row, (_, text_labels, _) in enumerate(items):
+            labels[row, :len(text_labels)] = torch.from_numpy(text_labels)
+        batch["labels"] = labels
+        return batch
