@@ -157,11 +157,13 @@ class Resume:
     config: dict
     run_id: str | None  # None: written before runs had ids
     fingerprint: dict | None  # None: written before checkpoints recorded one
+    command: str = "train"  # the command that wrote it (train or pretrain); train's before they recorded one
 
     @classmethod
     def read(cls, path: Path) -> "Resume":
         state = load_checkpoint(path, mmap=True)
-        return cls(path, state["step"], state["config"], state.get("run_id"), state.get("fingerprint"))
+        return cls(path, state["step"], state["config"], state.get("run_id"), state.get("fingerprint"),
+                   state.get("command", "train"))
 
 
 def find_resume(resume: str, output_dir: Path, warn: Callable[[str], None] = print) -> Resume | None:

@@ -60,12 +60,14 @@ def read_file(path: str):
         datasets.logging.set_verbosity(verbosity)
 
 
-def read_acl_imdb(folder: Path, split: str):
-    """The original aclImdb layout: SPLIT/pos/*.txt and SPLIT/neg/*.txt, one review per file."""
+def read_acl_imdb(folder: Path, split: str, names: tuple[str, ...] = LABEL_NAMES):
+    """The original aclImdb layout: SPLIT/pos/*.txt and SPLIT/neg/*.txt, one review per file (pretrain also
+    reads train/unsup/*.txt, labeled -1)."""
     import datasets
 
     texts, labels = [], []
-    for label, name in enumerate(LABEL_NAMES):
+    for name in names:
+        label = LABEL_NAMES.index(name) if name in LABEL_NAMES else -1
         for f in sorted((folder / split / name).glob("*.txt")):
             try:
                 texts.append(f.read_text(encoding="utf-8"))
@@ -326,9 +328,10 @@ class Collator:
                 "weights": torch.tensor([w for _, _, w in items], dtype=torch.float32)}
 
 
-def collator(cfg: Config, pad_id: int) -> Collator:
-    return Collator(pad_id=pad_id, multiple=pad_multiple(cfg), max_length=cfg.max_length,
-                    pad_to_max=cfg.padding == "max_length")
+def collator(cfg: Config, pad_id: int, kind: type[Collator] = Collator) -> Collator:
+    """The run's collator (`kind`: Collator, or pretrain's MLMCollator) with its padding settings."""
+    return kind(pad_id=pad_id, multiple=pad_multiple(cfg), max_length=cfg.max_length,
+                pad_to_max=cfg.padding == "max_length")
 
 
 def eval_batches(lengths: np.ndarray, batch_size: int, world_size: int, rank: int) -> list[list[tuple[int, float]]]:

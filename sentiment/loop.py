@@ -37,9 +37,11 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
 
 def token_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(samples, real tokens, padded tokens) of a micro-batch, counted on the host: no device sync.
-    Samples are the rows with a nonzero weight (padding rows of a short last batch weigh 0)."""
-    mask = batch["attention_mask"]
-    return torch.tensor([int((batch["weights"] > 0).sum()), int(mask.sum()), mask.numel()], dtype=torch.float32)
+    Samples are the rows with a nonzero weight (padding rows of a short last batch weigh 0; a masked LM's
+    weights are per token, (B, T))."""
+    mask, weights = batch["attention_mask"], batch["weights"]
+    samples = int((weights.reshape(len(weights), -1) > 0).any(1).sum())
+    return torch.tensor([samples, int(mask.sum()), mask.numel()], dtype=torch.float32)
 
 
 def step_totals(engine: Engine, loss_sum: torch.Tensor, grad_norm: torch.Tensor,

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 
 from sentiment.config import Config
-from sentiment.data import Collator, TokenizedSplit, data_dir_source, read_acl_imdb, read_hub, tokenize
+from sentiment.data import FILE_READERS, Collator, TokenizedSplit, data_dir_source, read_acl_imdb, read_hub, tokenize
 from sentiment.errors import DataError
 from sentiment.rows import row_location
 
-HUB_SPLITS = {"stanfordnlp/imdb": "unsupervised"}  # the hub split to read per dataset; "train" for others
+HUB_SPLITS = {"stanfordnlp/imdb": ["train", "unsupervised"]}  # the hub splits to read per dataset; ["train"] else
+ACL_UNLABELED = ("neg", "pos", "unsup")  # aclImdb's train/ subfolders of texts
 EVAL_EPOCH = 2**32  # the masking key of evaluations: the same masks at every evaluation, comparable losses
 IGNORE = -100  # the label of a position not predicted (cross_entropy's ignore_index)
 
@@ -30,29 +31,40 @@ IGNORE = -100  # the label of a position not predicted (cross_entropy's ignore_i
 
 
 def read_unlabeled(cfg: Config) -> tuple[list[str], str]:
-    """(texts, source) from --train_file, --data_dir (its train file, or aclImdb's train/pos+neg) or --dataset."""
-    from sentiment.commands import (
-        read_texts,  # parquet/CSV/JSONL `text` column, or .txt one per line
-    )
+    """(texts, source): --train_file's texts; or --data_dir's train and unsupervised files (aclImdb: train/pos,
+    neg and unsup), never its test split; or --dataset's train and unsupervised splits (IMDb's 75,000 texts)."""
+    from sentiment.commands import read_texts  # parquet/CSV/JSONL `text` column, or .txt one per line
 
     if cfg.train_file:
-        source = cfg.train_file
-        if source.endswith(".txt") and not Path(source).is_file():
-            raise DataError(f"data file {source} does not exist; check the path")
-        texts = read_texts(source)
+        if cfg.train_file.endswith(".txt") and not Path(cfg.train_file).is_file():
+            raise DataError(f"data file {cfg.train_file} does not exist; check the path")
+        sources, texts = [cfg.train_file], read_texts(cfg.train_file)
     elif cfg.data_dir:
-        source = data_dir_source(cfg.data_dir, "train")
-        texts = read_texts(source) if Path(source).is_file() else list(read_acl_imdb(Path(cfg.data_dir),
-                                                                                     "train")["text"])
+        sources, texts = [], []
+        for split in ("train", "unsupervised"):
+            if split == "unsupervised" and not unsupervised_in(Path(cfg.data_dir)):
+                continue
+            source = data_dir_source(cfg.data_dir, split)
+            sources.append(source)
+            texts += read_texts(source) if Path(source).is_file() else read_acl_imdb(Path(cfg.data_dir), "train",
+                                                                                     ACL_UNLABELED)["text"]
     else:
-        source = cfg.dataset_id
-        texts = [t or "" for t in read_hub(source, HUB_SPLITS.get(source, "train"))["text"]]
+        sources = [f"{cfg.dataset_id} ({', '.join(HUB_SPLITS.get(cfg.dataset_id, ['train']))})"]
+        texts = [t or "" for split in HUB_SPLITS.get(cfg.dataset_id, ["train"])
+                 for t in read_hub(cfg.dataset_id, split)["text"]]
+    source = " + ".join(sources)
     if not texts:
         raise DataError(f"{source} holds no texts; pass a file with at least one non-empty text")
     for row, text in enumerate(texts):
         if not text.strip():
-            raise DataError(f"{row_location(source, row)}: empty or missing text; fill in its text or drop the row")
+            raise DataError(f"{row_location(sources[0], row) if len(sources) == 1 else f'{source}: text {row}'}: "
+                            "empty or missing text; fill in its text or drop the row")
     return texts, source
+
+
+def unsupervised_in(folder: Path) -> bool:
+    """Whether a data_dir holds an unsupervised.* file (a ../shared-style folder)."""
+    return any((folder / f"unsupervised{suffix}").is_file() for suffix in FILE_READERS)
 
 
 def split_texts(texts: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -125,7 +137,11 @@ class Masker:
 
 
 class MaskedTexts(torch.utils.data.Dataset):
-    """One epoch's masked texts, indexed by (text index, loss weight) keys as `micro_batches` makes them."""
+    """One epoch's masked texts, indexed by (text index, loss weight) keys as `micro_batches` makes them. A text's
+    weight is shared out evenly over its predicted tokens: each text counts as much as a review does in
+    fine-tuning (the loss is the mean over texts of each one's mean over its masked tokens), and every weight is
+    known per text, so the loss of a global batch is the same however micro-batches and ranks split it, with no
+    count to agree on first."""
 
     def __init__(self, split: TokenizedSplit, masker: Masker, epoch: int) -> None:
         self.split, self.masker, self.epoch = split, masker, epoch
@@ -133,20 +149,24 @@ class MaskedTexts(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, key: tuple[int, float]) -> tuple[np.ndarray, np.ndarray, float]:
+    def __getitem__(self, key: tuple[int, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         i, weight = key
         ids, labels = self.masker(self.split.ids(i), self.epoch, i)
-        return ids, labels, weight
+        predicted = labels != IGNORE
+        return ids, labels, np.where(predicted, weight / max(1, predicted.sum()), 0.0).astype(np.float32)
 
 
 @dataclass(frozen=True)
 class MLMCollator(Collator):
-    """data.Collator's padding of the input ids, with `labels` a (B, T) tensor: IGNORE on padding."""
+    """data.Collator's padding of the input ids, with `labels` and `weights` (B, T) tensors: a token's target and
+    loss weight (IGNORE and 0 where it is not predicted, padding included)."""
 
-    def __call__(self, items: list[tuple[np.ndarray, np.ndarray, float]]) -> dict[str, torch.Tensor]:
-        batch = super().__call__([(ids, 0, weight) for ids, _, weight in items])
+    def __call__(self, items: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
+        batch = super().__call__([(ids, 0, 0.0) for ids, _, _ in items])
         labels = torch.full_like(batch["input_ids"], IGNORE)
-        for row, (_, text_labels, _) in enumerate(items):
+        weights = torch.zeros(labels.shape, dtype=torch.float32)
+        for row, (_, text_labels, text_weights) in enumerate(items):
             labels[row, :len(text_labels)] = torch.from_numpy(text_labels)
-        batch["labels"] = labels
+            weights[row, :len(text_weights)] = torch.from_numpy(text_weights)
+        batch["labels"], batch["weights"] = labels, weights
         return batch

@@ -77,26 +77,55 @@ def load_model(name: str, dropout: float = -1.0, gradient_checkpointing: bool = 
     torch seed) when the checkpoint is a plain encoder such as bert-base-uncased; trained_head=True (evaluate,
     predict) refuses that: an untrained head would score reviews at random."""
     from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
 
     config = config if config is not None else load_model_config(name, dropout)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "some weights were newly initialized": expected, the head is new
-    try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            name, config=config, attn_implementation="sdpa", output_loading_info=True)
-    except Exception as e:  # noqa: BLE001
-        raise _load_error(name, "model", e) from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    new = sorted(info.get("missing_keys") or ())
+    model, new = from_pretrained(AutoModelForSequenceClassification, name, config, "model", gradient_checkpointing)
     if trained_head and new:
         raise ModelError(f"{name} has no trained classification head ({', '.join(new)} would start random); pass "
                          "a model saved by `sentiment train` (RUN/model, or the run folder RUN)")
+    return model
+
+
+def from_pretrained(auto_class, name: str, config, what: str, gradient_checkpointing: bool = False):
+    """(auto_class.from_pretrained(name) on SDPA attention, the names of the tensors it initialised anew
+    because the checkpoint lacks them: a head, usually)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "some weights were newly initialized": expected, and reported by our callers
+    try:
+        model, info = auto_class.from_pretrained(name, config=config, attn_implementation="sdpa",
+                                                 output_loading_info=True)
+    except Exception as e:  # noqa: BLE001
+        raise _load_error(name, what, e) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if gradient_checkpointing:
         # non-reentrant checkpointing works with DDP and with inputs that need no grad
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
+    return model, sorted(info.get("missing_keys") or ())
+
+
+def load_mlm_model(name: str, config, gradient_checkpointing: bool = False) -> tuple[torch.nn.Module, str]:
+    """(a masked-LM model of `name`, what its MLM head and pooler are) for `sentiment pretrain`. A checkpoint with
+    no MLM head (a plain encoder such as all-MiniLM-L6-v2, or a classifier) gets a fresh one, its decoder tied to
+    the input embeddings as in BERT. The checkpoint's pooler, which a masked LM drops, is carried along frozen
+    (MLM does not use it) so that `train` on the saved model starts from it, not from a random one."""
+    from transformers import AutoModel, AutoModelForMaskedLM
+
+    model, new = from_pretrained(AutoModelForMaskedLM, name, config, "masked-LM model", gradient_checkpointing)
+    head = f"new ({len(new)} tensors: {name} has none)" if new else "from the checkpoint"
+    if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
+        head += ", decoder tied to the input embeddings"
+    pooler = "none"
+    if getattr(model.base_model, "pooler", 0) is None:  # the family has a pooler, and the masked LM left it out
+        base, missing = from_pretrained(AutoModel, name, config, "model")
+        if base.pooler is not None and not any(k.startswith("pooler.") for k in missing):
+            model.base_model.pooler = base.pooler.requires_grad_(False)
+            pooler = "from the checkpoint, frozen"
+        else:
+            pooler = f"none in {name}: train starts a new one"
+    return model, f"MLM head {head} | pooler {pooler}"
 
 
 def load_checked(name: str, max_length: int, dropout: float = -1.0):

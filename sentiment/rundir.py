@@ -36,6 +36,7 @@ class RunFolder:
     path: Path
     state: str  # absent | empty | foreign (not ours) | new (ours, nothing written yet) | started | finished
     run_id: str = ""  # from the marker; "" unless ours
+    command: str = "train"  # from the marker: the command whose run it holds (train or pretrain)
     others: tuple[str, ...] = ()  # foreign: a few of the names in it, for the error message
 
 
@@ -51,13 +52,14 @@ def inspect(path: Path) -> RunFolder:
         raise CheckpointError(f"output_dir {path} is a file, not a folder; pass another --output_dir")
     names = sorted(p.name for p in path.iterdir())
     try:
-        run_id = json.loads((path / MARKER).read_text())["run_id"]
-    except (OSError, ValueError, KeyError, TypeError):
+        marker = json.loads((path / MARKER).read_text())
+        run_id, command = marker["run_id"], marker.get("command", "train")  # markers of before: train's
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         others = tuple(n for n in names if not _is_ours(n))
         return RunFolder(path, "foreign", others=others[:5]) if others else RunFolder(path, "empty")
     if (path / "results.json").is_file():
-        return RunFolder(path, "finished", run_id)
-    return RunFolder(path, "started" if any(n in RUN_FILES for n in names) else "new", run_id)
+        return RunFolder(path, "finished", run_id, command)
+    return RunFolder(path, "started" if any(n in RUN_FILES for n in names) else "new", run_id, command)
 
 
 def refuse_foreign(folder: RunFolder) -> None:
@@ -101,12 +103,13 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def mark(path: Path, run_id: str) -> None:
+def mark(path: Path, run_id: str, command: str) -> None:
     """The first file of a run: from here on the folder is ours."""
-    write_json(path / MARKER, {"run_id": run_id, "program": "sentiment"})
+    write_json(path / MARKER, {"run_id": run_id, "program": "sentiment", "command": command})
 
 
-def start_writing(folder: RunFolder, run_id: str, resumed_at: int | None, config: dict, say) -> None:
+def start_writing(folder: RunFolder, run_id: str, resumed_at: int | None, config: dict, say,
+                  command: str = "train") -> None:
     """A run's first writes (rank 0): continuing, cut metrics.jsonl back to the checkpoint's step; replacing
     a run, delete its files; then the marker (from here on the folder is ours) and config.json."""
     if resumed_at is not None:
@@ -115,7 +118,7 @@ def start_writing(folder: RunFolder, run_id: str, resumed_at: int | None, config
         say(f"overwrite: deleting the run in {folder.path} and starting again")
         clear_run(folder.path)
     if run_id != folder.run_id:
-        mark(folder.path, run_id)
+        mark(folder.path, run_id, command)
     write_json(folder.path / "config.json", config)
 
 
@@ -200,9 +203,12 @@ def read_json(path: Path) -> dict:
                               "is left as it is: pass another --output_dir") from None
 
 
-def plan_start(cfg: Config, folder: RunFolder, say) -> tuple[ckpt.Resume | None, dict | None]:
+def plan_start(cfg: Config, folder: RunFolder, say, command: str = "train") -> tuple[ckpt.Resume | None, dict | None]:
     """(checkpoint to resume from or None, results of a finished run to return as they are or None),
     or a ConfigError saying why this run may not start in `folder`."""
+    if folder.state in ("started", "finished") and folder.command != command and not cfg.overwrite:
+        raise ConfigError(f"output_dir {folder.path} holds a `sentiment {folder.command}` run, not a {command} run; "
+                          "nothing was changed: pass another --output_dir")
     if folder.state == "finished" and not cfg.overwrite:
         if not cfg.resume:
             raise ConfigError(f"output_dir {folder.path} holds a finished run; --resume auto returns its results, "
@@ -213,6 +219,9 @@ def plan_start(cfg: Config, folder: RunFolder, say) -> tuple[ckpt.Resume | None,
         say(f"resume: the run in {folder.path} is finished; its results stay in {folder.path / 'results.json'}")
         return None, read_json(folder.path / "results.json")
     resume = ckpt.find_resume(cfg.resume, folder.path, say) if cfg.resume and folder.state != "finished" else None
+    if resume and resume.command != command:
+        raise ConfigError(f"checkpoint {resume.path} was written by `sentiment {resume.command}`, not `sentiment "
+                          f"{command}`; pass a {command} run's checkpoint, or none for a new run")
     if resume:
         check_same_run(resume, folder)
         refuse_conflicts(resume.config, cfg, f"from {resume.path}")

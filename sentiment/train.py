@@ -14,6 +14,8 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -77,101 +79,151 @@ def run(cfg: Config, engine: Engine) -> dict:
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
 
     model = load_model(cfg.model_name_or_path, config=model_config, gradient_checkpointing=cfg.gradient_checkpointing)
+    model, raw_model, optimizer, scaler = for_training(cfg, engine, model)
+    plan = fit.fit_micro_batch(plan, cfg, engine, raw_model, splits.train, tokenizer.pad_token_id)  # auto: probes
+    progress, identity = start_writing(cfg, engine, folder, resume, raw_model, optimizer, scaler, fingerprint)
+    if progress.out_of_patience(cfg.early_stopping_patience):  # a resumed run that had stopped early: only finish
+        total_steps = progress.step
+    env = environment(engine)
+    has_val = splits.val is not None
+    print_header(cfg, engine, env, raw_model, plan, steps_per_epoch, warmup_steps, progress.step if resume else None,
+                 [f"data: train {len(splits.train)} | val {len(splits.val) if has_val else 0} | test "
+                  f"{len(splits.test)} reviews | model {count_params(raw_model)[0] / 1e6:.3g}M parameters"]
+                 + ([layer_lr_line(raw_model, cfg.lr, cfg.layer_lr_decay)] if cfg.layer_lr_decay not in (0, 1) else []))
+
+    # ------------------------------------------------------------------------------ loop
+    collate = collator(cfg, tokenizer.pad_token_id)
+    eval_split, eval_name = (splits.val, "val") if has_val else (splits.test, "test")
+    job = Job(model, raw_model, optimizer, scaler, plan, progress, identity, steps_per_epoch, total_steps,
+              warmup_steps, dataset=lambda epoch: ReviewDataset(splits.train), collate=collate, eval_name=eval_name,
+              evaluate=lambda m: evaluate(m, eval_split, engine, cfg.eval_batch_size, collate, desc=eval_name),
+              select_best=has_val)
+    with StopRequest(engine.print) as stop, out_of_memory_is_an_error(plan.micro, cfg.max_length, global_batch), \
+            RunLog(out, cfg, engine, raw_model, total_steps, progress.step) as log:
+        last_eval = steps(cfg, engine, job, stop, log)
+
+        # ------------------------------------------------------------------------------ teardown
+        stop.immediate = FINAL_EVAL_STOP  # training is over and checkpointed: a resume finishes the run
+        return finish(cfg, engine, model, tokenizer, splits, progress, last_eval, collate, log, env, started, plan)
+
+
+def for_training(cfg: Config, engine: Engine, model: torch.nn.Module) -> tuple:
+    """(model wrapped for training, the raw model, AdamW, GradScaler) for a freshly loaded `model`."""
     engine.seed_per_rank(cfg.seed)  # from here on torch draws dropout masks, which must differ across ranks
     model = engine.wrap(model, compile=cfg.compile)
     raw_model = engine.unwrap(model)  # without DDP and compile wrappers: for clipping and saving
     optimizer = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay, cfg.layer_lr_decay), lr=cfg.lr,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=engine.fused_adamw)
     scaler = engine.grad_scaler()  # a disabled scaler (fp32/bf16) passes everything through
-    plan = fit.fit_micro_batch(plan, cfg, engine, raw_model, splits.train, tokenizer.pad_token_id)  # auto: probes
-    accum = plan.accum  # micro-batches per optimizer step
+    return model, raw_model, optimizer, scaler
+
+
+def start_writing(cfg: Config, engine: Engine, folder: rundir.RunFolder, resume: ckpt.Resume | None, raw_model,
+                  optimizer, scaler, fingerprint: dict, command: str = "train") -> tuple[ckpt.Progress, dict]:
+    """(progress, identity): the checkpoint's state restored into the model, optimizer and scaler if resuming;
+    then the run's first writes (the run marker, then config.json). identity (config, run_id, fingerprint and
+    the command) is saved in every checkpoint."""
     progress = ckpt.Progress()
     if resume:
         progress = ckpt.restore_state(ckpt.load_checkpoint(resume.path), raw_model, optimizer, scaler, engine)
-        if progress.out_of_patience(cfg.early_stopping_patience):  # it had stopped early: only finish it
-            total_steps = progress.step
     run_id = folder.run_id if resume and folder.state == "started" else rundir.new_run_id()
-    identity = {"config": cfg.to_dict(), "run_id": run_id, "fingerprint": fingerprint}  # saved in every checkpoint
-
-    if engine.is_main:  # the first writes: the run marker, then config.json
-        rundir.start_writing(folder, run_id, progress.step if resume else None, cfg.to_dict(), engine.print)
+    if engine.is_main:
+        rundir.start_writing(folder, run_id, progress.step if resume else None, cfg.to_dict(), engine.print, command)
     engine.barrier()  # nobody reads the output dir before rank 0 has prepared it
-    env = environment(engine)
-    print_header(cfg, engine, env, splits, raw_model, plan, steps_per_epoch, warmup_steps,
-                 progress.step if resume else None)
+    return progress, {"config": cfg.to_dict(), "run_id": run_id, "fingerprint": fingerprint, "command": command}
 
-    # ------------------------------------------------------------------------------ loop
-    dataset, collate = ReviewDataset(splits.train), collator(cfg, tokenizer.pad_token_id)
-    has_val = splits.val is not None
-    eval_split, eval_name = (splits.val, "val") if has_val else (splits.test, "test")
+
+@dataclass(frozen=True)
+class Job:
+    """What the step loop works on, as a run set it up: train's (a classifier on reviews) or pretrain's (a masked
+    LM on texts). The loop itself is the same for both."""
+    model: torch.nn.Module  # wrapped (DDP, compile): forward and backward
+    raw_model: torch.nn.Module  # unwrapped: clipping and checkpoints
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    plan: fit.BatchPlan  # global batch = micro x accum x world
+    progress: ckpt.Progress  # mutated: the step, bad steps, the best evaluation
+    identity: dict  # config, run_id, fingerprint: saved in every checkpoint
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    dataset: Callable[[int], torch.utils.data.Dataset]  # epoch -> its examples, keyed (index, weight)
+    collate: Callable[[list], dict[str, torch.Tensor]]  # -> input_ids, attention_mask, labels, weights
+    evaluate: Callable[[torch.nn.Module], tuple[dict, object]] | None  # -> (metrics, per-example output)
+    eval_name: str = "val"  # the split it evaluates on, as logged
+    select_best: bool = False  # keep track of the best model by val accuracy (and stop early on it)
+    shown: tuple[str, ...] = ("loss", "accuracy", "f1")  # the evaluation line's figures
+
+
+def steps(cfg: Config, engine: Engine, job: Job, stop: StopRequest, log: RunLog) -> tuple | None:
+    """Optimizer steps from job.progress.step to job.total_steps, each the mean loss over one global batch,
+    with evaluations and checkpoints between them; returns the newest evaluation (None if none ran)."""
+    model, raw_model, optimizer, scaler, progress = job.model, job.raw_model, job.optimizer, job.scaler, job.progress
+    accum, out = job.plan.accum, Path(cfg.output_dir)  # accum: micro-batches per optimizer step
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf  # 0 = no clipping
-    start_step, last_eval = progress.step, None  # last_eval: (metrics, probs) of the newest evaluation
+    start_step, last_eval = progress.step, None
     model.train()
-    with StopRequest(engine.print) as stop:
-        with out_of_memory_is_an_error(plan.micro, cfg.max_length, global_batch), \
-                RunLog(out, cfg, engine, raw_model, total_steps, start_step) as log:
-            for step in range(start_step, total_steps):
-                epoch, batch_in_epoch = divmod(step, steps_per_epoch)
-                if step == start_step or batch_in_epoch == 0:
-                    batches = epoch_batches(cfg, engine, dataset, collate, plan, epoch, batch_in_epoch)
-                lr = set_lr(optimizer, lr_at(step, total_steps, warmup_steps, cfg.lr))
+    for step in range(start_step, job.total_steps):
+        epoch, batch_in_epoch = divmod(step, job.steps_per_epoch)
+        if step == start_step or batch_in_epoch == 0:
+            batches = epoch_batches(cfg, engine, job.dataset(epoch), job.collate, job.plan, epoch, batch_in_epoch)
+        lr = set_lr(optimizer, lr_at(step, job.total_steps, job.warmup_steps, cfg.lr))
 
-                clock, loss_sum, counts = StepClock(batches), 0.0, torch.zeros(3)
-                for micro_step in range(accum):
-                    batch = next(batches)
-                    counts += token_counts(batch)  # samples, real and padded tokens, for the log row
-                    batch = engine.to_device(batch)
-                    # DDP all-reduces gradients only on the last micro-batch of the accumulation group
-                    with engine.no_sync(model, sync=micro_step == accum - 1):
-                        with engine.autocast():
-                            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                        # per-example loss in fp32, weighted by 1/global batch size: the sum over all micro-batches
-                        # and ranks is the exact mean over the global batch, however it is split
-                        per_example = F.cross_entropy(logits.float(), batch["labels"], reduction="none")  # (B,)
-                        loss = (per_example * batch["weights"]).sum()
-                        scaler.scale(engine.sum_over_ranks(loss)).backward()
-                    loss_sum = loss_sum + loss.detach()
+        clock, loss_sum, counts = StepClock(batches), 0.0, torch.zeros(3)
+        for micro_step in range(accum):
+            batch = next(batches)
+            counts += token_counts(batch)  # samples, real and padded tokens, for the log row
+            batch = engine.to_device(batch)
+            # DDP all-reduces gradients only on the last micro-batch of the accumulation group
+            with engine.no_sync(model, sync=micro_step == accum - 1):
+                with engine.autocast():
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                # cross-entropy per target in fp32: a classifier's (B, 2) logits have one per review, a masked LM's
+                # (B, T, vocab) one per token (labels -100 where none). Each weighted (a review's 1/global batch,
+                # shared out over its predicted tokens): the sum over all micro-batches and ranks is the exact
+                # mean over the global batch, however it is split
+                per_target = F.cross_entropy(logits.float().flatten(0, -2), batch["labels"].flatten(), reduction="none")
+                loss = (per_target * batch["weights"].flatten()).sum()
+                scaler.scale(engine.sum_over_ranks(loss)).backward()
+            loss_sum = loss_sum + loss.detach()
 
-                scaler.unscale_(optimizer)  # gradients back to their true scale before clipping (fp16 only)
-                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
-                loss_value, norm_value, counts = step_totals(engine, loss_sum, grad_norm, counts)  # one host sync
-                clock.synced()
-                finite = math.isfinite(loss_value) and math.isfinite(norm_value)
-                if finite or scaler.is_enabled():
-                    scaler.step(optimizer)  # fp16: skips the update itself when gradients overflowed
-                scale = scaler.get_scale() if scaler.is_enabled() else None
-                scaler.update()  # fp16: halves the scale after an overflow, grows it after 2000 clean steps
-                optimizer.zero_grad(set_to_none=True)
+        scaler.unscale_(optimizer)  # gradients back to their true scale before clipping (fp16 only)
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
+        loss_value, norm_value, counts = step_totals(engine, loss_sum, grad_norm, counts)  # one host sync
+        clock.synced()
+        finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+        if finite or scaler.is_enabled():
+            scaler.step(optimizer)  # fp16: skips the update itself when gradients overflowed
+        scale = scaler.get_scale() if scaler.is_enabled() else None
+        scaler.update()  # fp16: halves the scale after an overflow, grows it after 2000 clean steps
+        optimizer.zero_grad(set_to_none=True)
 
-                progress.step_done(bad=is_bad(loss_value, norm_value, scaler))
-                log.step(step + 1, epoch + 1, loss_value, lr, norm_value, not finite, scale, counts, clock)
-                if progress.bad_steps >= cfg.max_bad_steps:
-                    raise too_many_bad_steps(progress.bad_steps, step + 1, out)
+        progress.step_done(bad=is_bad(loss_value, norm_value, scaler))
+        log.step(step + 1, epoch + 1, loss_value, lr, norm_value, not finite, scale, counts, clock)
+        if progress.bad_steps >= cfg.max_bad_steps:
+            raise too_many_bad_steps(progress.bad_steps, step + 1, out)
 
-                # evaluate at epoch ends, every eval_every steps and after the last step: on the validation split
-                # if there is one, else on test (as the tutorial does); every evaluation is checkpointed
-                evaluate_now = (batch_in_epoch == steps_per_epoch - 1 or step + 1 == total_steps
-                                or (cfg.eval_every and (step + 1) % cfg.eval_every == 0))
-                if evaluate_now:
-                    last_eval = evaluate(model, eval_split, engine, cfg.eval_batch_size, collate, desc=eval_name)
-                    is_best = has_val and progress.new_best(last_eval[0]["accuracy"])
-                    log.eval(step + 1, epoch + 1, eval_name, last_eval[0], is_best)
-                stop_now = engine.any_rank(stop.requested)  # all ranks stop together, or the others would hang
-                if evaluate_now or stop_now or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-                    state = ckpt.build_state(raw_model, optimizer, scaler, progress, identity, engine)
-                    if engine.is_main:
-                        ckpt.save_checkpoint(out, state, cfg.keep_last)
-                    engine.barrier()
-                if stop_now:
-                    stop.exit(step + 1)
-                if progress.out_of_patience(cfg.early_stopping_patience):
-                    engine.print(f"early stopping: no better val accuracy in {progress.evals_since_best} evaluations; "
-                                 f"the best was at step {progress.best_step}")
-                    break
-
-            # -------------------------------------------------------------------------- teardown
-            stop.immediate = FINAL_EVAL_STOP  # training is over and checkpointed: a resume finishes the run
-            return finish(cfg, engine, model, tokenizer, splits, progress, last_eval, collate, log, env, started, plan)
+        # evaluate at epoch ends, every eval_every steps and after the last step: on the validation split if
+        # there is one, else on test (as the tutorial does); every evaluation is checkpointed
+        evaluate_now = (batch_in_epoch == job.steps_per_epoch - 1 or step + 1 == job.total_steps
+                        or (cfg.eval_every and (step + 1) % cfg.eval_every == 0))
+        if evaluate_now and job.evaluate:
+            last_eval = job.evaluate(model)
+            is_best = job.select_best and progress.new_best(last_eval[0]["accuracy"])
+            log.eval(step + 1, epoch + 1, job.eval_name, last_eval[0], is_best, job.shown)
+        stop_now = engine.any_rank(stop.requested)  # all ranks stop together, or the others would hang
+        if evaluate_now or stop_now or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+            state = ckpt.build_state(raw_model, optimizer, scaler, progress, job.identity, engine)
+            if engine.is_main:
+                ckpt.save_checkpoint(out, state, cfg.keep_last)
+            engine.barrier()
+        if stop_now:
+            stop.exit(step + 1)
+        if progress.out_of_patience(cfg.early_stopping_patience):
+            engine.print(f"early stopping: no better val accuracy in {progress.evals_since_best} evaluations; "
+                         f"the best was at step {progress.best_step}")
+            break
+    return last_eval
 
 
 def epoch_batches(cfg: Config, engine: Engine, dataset: ReviewDataset, collate, plan: fit.BatchPlan, epoch: int,
@@ -187,15 +239,16 @@ def epoch_batches(cfg: Config, engine: Engine, dataset: ReviewDataset, collate, 
         worker_init_fn=ignore_stop_signals))
 
 
-def print_header(cfg: Config, engine: Engine, env: dict, splits: Splits, model: torch.nn.Module,
-                 plan: fit.BatchPlan, steps_per_epoch: int, warmup_steps: int, resumed_at: int | None) -> None:
-    """The run's first lines: where and with what it runs, the data, the batch and step arithmetic, and the
-    memory it needs against what is free (with a warning and the fixes before the first step, if too much)."""
+def print_header(cfg: Config, engine: Engine, env: dict, model: torch.nn.Module, plan: fit.BatchPlan,
+                 steps_per_epoch: int, warmup_steps: int, resumed_at: int | None, lines: list[str]) -> None:
+    """The run's first lines: where and with what it runs, the run's own `lines` (its data, its model), the
+    batch and step arithmetic, and the memory it needs against what is free (with a warning and the fixes
+    before the first step, if too much)."""
     engine.print(f"run: {cfg.output_dir} | git {git_commit()} | torch {env['torch']} | "
                  f"transformers {env['transformers']} | {env['device_name']}")
     engine.print("config: " + " ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
-    engine.print(f"data: train {len(splits.train)} | val {len(splits.val) if splits.val else 0} | "
-                 f"test {len(splits.test)} reviews | model {count_params(model)[0] / 1e6:.3g}M parameters")
+    for line in lines:
+        engine.print(line)
     steps = f"max_steps {cfg.max_steps}" if cfg.max_steps else f"x {cfg.epochs} epochs = {cfg.epochs * steps_per_epoch}"
     engine.print(f"batch: global {plan.global_batch} = micro {plan.micro} x accum {plan.accum} x "
                  f"world {engine.world_size} | {steps_per_epoch} steps/epoch {steps} steps | "
@@ -203,8 +256,6 @@ def print_header(cfg: Config, engine: Engine, env: dict, splits: Splits, model: 
                  + (f" | resuming at step {resumed_at}" if resumed_at is not None else ""))
     if plan.why:
         engine.print(f"fit: {plan.why}")
-    if cfg.layer_lr_decay not in (0.0, 1.0):
-        engine.print(layer_lr_line(model, cfg.lr, cfg.layer_lr_decay))
     free = engine.memory()["free"]
     params = [(p.numel(), p.element_size(), p.requires_grad) for p in model.parameters()]
     for line in fit.memory_lines(fit.memory_estimate(params, plan.activations, free), free, plan, str(engine.device)):

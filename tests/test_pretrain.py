@@ -121,12 +121,16 @@ def test_pretrain_writes_model_and_metrics_and_learns(mlm_config, tmp_path, caps
     assert json.loads((run / "results.json").read_text())["mlm_loss"] == evals[-1]["mlm_loss"]
     out = capsys.readouterr().out
     assert "MLM head new" in out and "decoder tied to the input embeddings" in out
+    assert "pooler from the checkpoint, frozen" in out
     assert "eval epoch 6 | val | mlm_loss" in out
 
     # its model is a --model_name_or_path for train: the encoder carried over, the classifier new
     pretrained = saved_weights(run)
     name = "bert.encoder.layer.0.attention.self.query.weight"
     assert torch.equal(load_model(str(run / "model")).state_dict()[name], pretrained[name])
+    source = load_model(cfg.model_name_or_path).state_dict()  # the pooler, unused by MLM, is the source's
+    assert torch.equal(pretrained["bert.pooler.dense.weight"], source["bert.pooler.dense.weight"])
+    assert not torch.equal(pretrained[name], source[name])  # while the encoder has learned
     data_dir = tmp_path / "labeled"
     write(data_dir / "train.jsonl", "".join(json.dumps(r) + "\n" for r in make_reviews(32)))
     write(data_dir / "test.jsonl", "".join(json.dumps(r) + "\n" for r in make_reviews(16, seed=1)))
@@ -182,13 +186,23 @@ def test_ddp_equals_one_process_accumulating(mlm_config, tmp_path):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
-def test_a_train_checkpoint_is_refused(tiny_config):
-    """--resume auto into a `sentiment train` run folder, with the very same config: refused in one line, nothing
-    loaded into the wrong model (other flags would already differ: refuse_conflicts)."""
-    cfg = tiny_config(max_steps=4)
+def test_a_run_of_the_other_command_is_refused(tiny_config, mlm_config, tmp_path):
+    """One command's run folder or checkpoint is not the other's: refused in one line, nothing written (a
+    classifier's state would not load into a masked LM, and a finished pretrain run has no test accuracy)."""
+    cfg = tiny_config(max_steps=4, output_dir=str(tmp_path / "train"))
     assert sigterm_at_step(Path(cfg.output_dir), 1, lambda: train(cfg)) == 143  # an unfinished train run
+    before = sorted(p.name for p in Path(cfg.output_dir).rglob("*"))
+    with pytest.raises(ConfigError, match="holds a `sentiment train` run, not a pretrain run"):
+        pretrain(mlm_config(output_dir=cfg.output_dir, resume="auto"))
+    checkpoint = next(Path(cfg.output_dir, "checkpoints").glob("step_*.pt"))
     with pytest.raises(ConfigError, match="written by `sentiment train`, not `sentiment pretrain`"):
-        pretrain(tiny_config(max_steps=4, resume="auto"))
+        pretrain(mlm_config(output_dir=str(tmp_path / "new"), resume=str(checkpoint)))
+    assert sorted(p.name for p in Path(cfg.output_dir).rglob("*")) == before and not (tmp_path / "new").exists()
+
+    mlm = mlm_config(max_steps=2, output_dir=str(tmp_path / "mlm"))
+    pretrain(mlm)  # finished: train --resume auto there must not return its results as a classifier's
+    with pytest.raises(ConfigError, match="holds a `sentiment pretrain` run, not a train run"):
+        train(tiny_config(max_steps=2, output_dir=mlm.output_dir, resume="auto"))
 
 
 # ----------------------------------------------------------------------------- sources and bad inputs
