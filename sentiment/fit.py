@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from sentiment.config import Config
-from sentiment.data import TokenizedSplit, collator
 from sentiment.engine import Engine
 from sentiment.errors import ConfigError, TrainingError
 
@@ -87,10 +86,10 @@ def plan_batch(cfg: Config, world: int) -> BatchPlan:
 # ----------------------------------------------------------------------------- the probe
 
 
-def probe_batch(cfg: Config, split: TokenizedSplit, pad_id: int, size: int) -> dict[str, torch.Tensor]:
-    """`size` copies of the longest training review, collated as the run collates: its widest batch."""
-    i = int(split.lengths.argmax())
-    return collator(cfg, pad_id)([(split.ids(i), int(split.labels[i]), 1.0)] * size)
+def probe_batch(dataset, collate, size: int) -> dict[str, torch.Tensor]:
+    """`size` copies of the longest training example (a review, or pretrain's masked text), collated as the run
+    collates: its widest batch."""
+    return collate([dataset[(int(dataset.split.lengths.argmax()), 1.0)]] * size)
 
 
 def probe(model: torch.nn.Module, engine: Engine, batch: dict[str, torch.Tensor], reserve: int) -> int | None:
@@ -98,7 +97,7 @@ def probe(model: torch.nn.Module, engine: Engine, batch: dict[str, torch.Tensor]
     (AdamW's state, which the first optimizer step allocates) held aside; None where the device does not
     measure. Raises engine.out_of_memory if it does not fit (or the test knob says so)."""
     limit = int(os.environ.get(PROBE_LIMIT_ENV) or 0)
-    if limit and len(batch["labels"]) > limit:
+    if limit and len(batch["input_ids"]) > limit:
         raise engine.out_of_memory(f"{PROBE_LIMIT_ENV}={limit}: simulated out of memory")
     engine.reset_peak_memory()
     start = engine.memory()["allocated"]
@@ -109,21 +108,21 @@ def probe(model: torch.nn.Module, engine: Engine, batch: dict[str, torch.Tensor]
     batch = engine.to_device(batch)
     with engine.autocast():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    F.cross_entropy(logits.float(), batch["labels"]).backward()
+    F.cross_entropy(logits.float().flatten(0, -2), batch["labels"].flatten()).backward()  # as train.steps does
     del held, logits
     peak = engine.memory()["peak"]
     return None if peak is None else max(0, peak - start - reserve - trainable_bytes(model))
 
 
-def fit_micro_batch(plan: BatchPlan, cfg: Config, engine: Engine, model: torch.nn.Module, split: TokenizedSplit,
-                    pad_id: int) -> BatchPlan:
+def fit_micro_batch(plan: BatchPlan, cfg: Config, engine: Engine, model: torch.nn.Module, dataset,
+                    collate) -> BatchPlan:
     """The plan with its micro-batch and what the probe measured. Under `auto` on CUDA (or with the test knob
     set) the largest divisor of the per-process share that fits; elsewhere the whole share. A fixed
     micro-batch is probed once on CUDA (or with the knob), for the header's estimate and warning."""
     measures = engine.memory()["allocated"] is not None or bool(os.environ.get(PROBE_LIMIT_ENV))
     if plan.micro and not measures:
         return plan
-    share, width = plan.global_batch // plan.world, probe_batch(cfg, split, pad_id, 1)["input_ids"].shape[1]
+    share, width = plan.global_batch // plan.world, probe_batch(dataset, collate, 1)["input_ids"].shape[1]
     if not measures:
         return BatchPlan(share, 1, plan.world, plan.global_batch, f"micro_batch_size={share} grad_accum_steps=1 "
                          f"(auto on {engine.device.type}: no device memory to probe; the whole share of the global "
@@ -134,7 +133,7 @@ def fit_micro_batch(plan: BatchPlan, cfg: Config, engine: Engine, model: torch.n
     try:
         def fits(size: int) -> bool:
             try:
-                measured[size] = probe(model, engine, probe_batch(cfg, split, pad_id, size), reserve)
+                measured[size] = probe(model, engine, probe_batch(dataset, collate, size), reserve)
             except engine.out_of_memory:
                 measured[size] = math.inf
             model.zero_grad(set_to_none=True)

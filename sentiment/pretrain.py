@@ -25,7 +25,7 @@ from sentiment import fit, rundir
 from sentiment.config import Config
 from sentiment.data import collator, eval_batches
 from sentiment.engine import Engine, setup_engine
-from sentiment.errors import ConfigError, ModelError
+from sentiment.errors import ModelError
 from sentiment.loop import StopRequest, out_of_memory_is_an_error
 from sentiment.mlm_data import (EVAL_EPOCH, IGNORE, MaskedTexts, Masker, MLMCollator, read_unlabeled, split_texts,
                                 tokenize_texts)
@@ -62,8 +62,6 @@ def run(cfg: Config, engine: Engine) -> dict:
     if finished is not None:
         return finished
     check_report_to(cfg)
-    if not cfg.micro_batch_size:
-        raise ConfigError("sentiment pretrain takes no --micro_batch_size auto; pass a number (e.g. 16)")
     plan = fit.plan_batch(cfg, engine.world_size)
     tokenizer, model_config = load_checked(cfg.model_name_or_path, cfg.max_length, cfg.dropout)
     if tokenizer.mask_token_id is None:
@@ -82,6 +80,9 @@ def run(cfg: Config, engine: Engine) -> dict:
 
     model, parts = load_mlm_model(cfg.model_name_or_path, model_config, cfg.gradient_checkpointing)
     model, raw_model, optimizer, scaler = for_training(cfg, engine, model)
+    masker = Masker.for_tokenizer(tokenizer, cfg)
+    collate = collator(cfg, tokenizer.pad_token_id, MLMCollator)
+    plan = fit.fit_micro_batch(plan, cfg, engine, raw_model, MaskedTexts(train_split, masker, 0), collate)
     progress, identity = start_writing(cfg, engine, folder, resume, raw_model, optimizer, scaler, fingerprint,
                                        "pretrain")
     env = environment(engine)
@@ -93,8 +94,6 @@ def run(cfg: Config, engine: Engine) -> dict:
         f"{'whole words' if cfg.whole_word_masking else 'tokens'}, new masks each epoch"])
 
     # ------------------------------------------------------------------------------ loop
-    masker = Masker.for_tokenizer(tokenizer, cfg)
-    collate = collator(cfg, tokenizer.pad_token_id, MLMCollator)
     evaluate = functools.partial(evaluate_mlm, split=val_split, engine=engine, batch_size=cfg.eval_batch_size,
                                  collate=collate, masker=masker)
     job = Job(model, raw_model, optimizer, scaler, plan, progress, identity, steps_per_epoch, total_steps,

@@ -80,7 +80,8 @@ def run(cfg: Config, engine: Engine) -> dict:
 
     model = load_model(cfg.model_name_or_path, config=model_config, gradient_checkpointing=cfg.gradient_checkpointing)
     model, raw_model, optimizer, scaler = for_training(cfg, engine, model)
-    plan = fit.fit_micro_batch(plan, cfg, engine, raw_model, splits.train, tokenizer.pad_token_id)  # auto: probes
+    collate = collator(cfg, tokenizer.pad_token_id)
+    plan = fit.fit_micro_batch(plan, cfg, engine, raw_model, ReviewDataset(splits.train), collate)  # auto: probes
     progress, identity = start_writing(cfg, engine, folder, resume, raw_model, optimizer, scaler, fingerprint)
     if progress.out_of_patience(cfg.early_stopping_patience):  # a resumed run that had stopped early: only finish
         total_steps = progress.step
@@ -92,7 +93,6 @@ def run(cfg: Config, engine: Engine) -> dict:
                  + ([layer_lr_line(raw_model, cfg.lr, cfg.layer_lr_decay)] if cfg.layer_lr_decay not in (0, 1) else []))
 
     # ------------------------------------------------------------------------------ loop
-    collate = collator(cfg, tokenizer.pad_token_id)
     eval_split, eval_name = (splits.val, "val") if has_val else (splits.test, "test")
     job = Job(model, raw_model, optimizer, scaler, plan, progress, identity, steps_per_epoch, total_steps,
               warmup_steps, dataset=lambda epoch: ReviewDataset(splits.train), collate=collate, eval_name=eval_name,

@@ -181,7 +181,7 @@ def test_a_fixed_micro_batch_over_the_limit_is_warned_about_before_the_first_ste
 
 
 def test_the_probe_leaves_no_trace(tiny_config, tiny_dirs, monkeypatch):
-    from sentiment.data import load_splits
+    from sentiment.data import ReviewDataset, collator, load_splits
     from sentiment.model import load_model, load_tokenizer
 
     monkeypatch.setenv(PROBE_LIMIT_ENV, "2")
@@ -191,7 +191,7 @@ def test_the_probe_leaves_no_trace(tiny_config, tiny_dirs, monkeypatch):
     model = load_model(cfg.model_name_or_path)
     engine = Engine(torch.device("cpu"), "fp32")
     before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
-    plan = fit_micro_batch(plan_batch(cfg, 1), cfg, engine, model, split, tokenizer.pad_token_id)
+    plan = fit_micro_batch(plan_batch(cfg, 1), cfg, engine, model, ReviewDataset(split), collator(cfg, 0))
     assert (plan.micro, plan.accum) == (2, 6)
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(p.grad is None for p in model.parameters())

@@ -15,6 +15,7 @@ from conftest import cli_args, metrics_rows, read_metrics, saved_weights, sigter
 from sentiment.cli import main
 from sentiment.config import Config
 from sentiment.errors import ConfigError
+from sentiment.fit import PROBE_LIMIT_ENV
 from sentiment.mlm_data import IGNORE, MaskedTexts, Masker, MLMCollator, read_unlabeled, tokenize_texts
 from sentiment.model import load_model
 from sentiment.pretrain import pretrain
@@ -155,9 +156,10 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(mlm_config, tmp_path):
     assert strip(metrics_rows(tmp_path / "ref")) == strip(metrics_rows(tmp_path / "cut"))
 
 
-def test_accumulation_equals_one_big_batch(mlm_config, tmp_path):
-    """micro 4 x accum 2 and micro 8 x accum 1: the same masks, the same per-step loss (exact mean over the
-    global batch's predicted tokens), up to float rounding."""
+def test_accumulation_equals_one_big_batch(mlm_config, tmp_path, monkeypatch):
+    """micro 4 x accum 2 and micro 8 x accum 1: the same masks, the same per-step loss (the mean over the global
+    batch's texts of each one's mean over its predicted tokens), up to float rounding. And --micro_batch_size
+    auto, its probe told the device holds 3 texts, picks that same 4 x 2 and the same numbers, bit for bit."""
     same = dict(epochs=1, mlm_val_fraction=0, dropout=0.0)  # dropout masks depend on the micro-batch shapes
     one = pretrain(mlm_config(output_dir=str(tmp_path / "one"), **same))
     two = pretrain(mlm_config(micro_batch_size=4, grad_accum_steps=2, output_dir=str(tmp_path / "two"), **same))
@@ -166,11 +168,18 @@ def test_accumulation_equals_one_big_batch(mlm_config, tmp_path):
     assert np.allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-5, atol=1e-6)
     wa, wb = saved_weights(tmp_path / "one"), saved_weights(tmp_path / "two")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    monkeypatch.setenv(PROBE_LIMIT_ENV, "5")  # of 8's divisors, 4 fits and 8 does not
+    auto = pretrain(mlm_config(micro_batch_size=0, global_batch_size=8, output_dir=str(tmp_path / "auto"), **same))
+    assert auto["batch"] == {"global": 8, "micro": 4, "accum": 2, "world": 1}
+    numbers = lambda rows: [(r["loss"], r["lr"], r["grad_norm"]) for r in rows]  # noqa: E731
+    assert numbers(read_metrics(tmp_path / "auto")[0]) == numbers(b)
+    assert (tmp_path / "auto" / "model" / "model.safetensors").read_bytes() == \
+        (tmp_path / "two" / "model" / "model.safetensors").read_bytes()
 
 
 def test_ddp_equals_one_process_accumulating(mlm_config, tmp_path):
-    """torchrun, 2 CPU processes x micro 4 = one process x micro 4 x accum 2: the same masks (per text, not per
-    rank) and the predicted-token count all-reduced, so the same losses, evaluations and weights."""
+    """torchrun, 2 CPU processes x micro 4 = one process x micro 4 x accum 2: the same masks and loss weights
+    (per text, not per rank), so the same losses, evaluations and weights."""
     same = dict(epochs=1, micro_batch_size=4, dropout=0.0, mlm_val_fraction=0.1)
     single = mlm_config(grad_accum_steps=2, output_dir=str(tmp_path / "single"), **same)
     pretrain(single)

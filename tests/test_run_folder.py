@@ -231,8 +231,13 @@ def test_inspect_names_every_state(tmp_path):
     write(tmp_path / "bad_marker" / "model" / "x.bin", "x")
     assert rundir.inspect(tmp_path / "bad_marker").state == "foreign"
     (tmp_path / "ours").mkdir()
-    rundir.mark(tmp_path / "ours", "abc")
-    assert (rundir.inspect(tmp_path / "ours").state, rundir.inspect(tmp_path / "ours").run_id) == ("new", "abc")
+    rundir.mark(tmp_path / "ours", "abc", "pretrain")
+    assert rundir.inspect(tmp_path / "ours") == rundir.RunFolder(tmp_path / "ours", "new", "abc", "pretrain")
+    write(tmp_path / "older" / rundir.MARKER, '{"run_id": "def", "program": "sentiment"}')  # before markers named it
+    assert rundir.inspect(tmp_path / "older").command == "train"
+    write(tmp_path / "odd" / rundir.MARKER, '["run_id"]')  # valid JSON, not ours: foreign, not a crash
+    write(tmp_path / "odd" / "a.txt", "x")
+    assert rundir.inspect(tmp_path / "odd").state == "foreign"
     write(tmp_path / "ours" / "metrics.jsonl", "")
     assert rundir.inspect(tmp_path / "ours").state == "started"
     write(tmp_path / "ours" / "results.json", "{}")
