@@ -95,13 +95,14 @@ examples:
       --epochs 1 --max_length 256 --output_dir runs/minilm""",
     "pretrain": """\
 Further pre-train the encoder with masked-LM (BERT's objective) on unlabeled text, e.g. IMDb's 50,000
-unlabeled reviews; labels are ignored. A held-out slice (--mlm_val_fraction) gives MLM loss and accuracy at
+unlabeled reviews and its train texts; labels are ignored. A --data_dir gives its train file plus its
+unsupervised file, never its test split. A held-out slice (--mlm_val_fraction) gives MLM loss and accuracy at
 each evaluation. RUN/model is then a --model_name_or_path for `sentiment train`.
 
 examples:
-  # all-MiniLM-L6-v2 (no MLM head: a new one is tied to its embeddings) on IMDb's unlabeled reviews
-  sentiment pretrain --model_name_or_path $MINILM --train_file ../shared/imdb/unsupervised.parquet \\
-      --max_length 256 --micro_batch_size 32 --epochs 1 --lr 1e-4 --warmup_ratio 0.06 --output_dir runs/mlm
+  # all-MiniLM-L6-v2 (no MLM head: a new one is tied to its embeddings) on IMDb's 75,000 texts
+  sentiment pretrain --model_name_or_path $MINILM --data_dir ../shared/imdb \\
+      --max_length 128 --micro_batch_size 32 --epochs 1 --lr 5e-5 --warmup_ratio 0.1 --output_dir runs/mlm
   # then: sentiment train --model_name_or_path runs/mlm/model ...; a .txt file (one text per line) works too
   sentiment pretrain --model_name_or_path runs/tiny/model --train_file texts.txt --max_length 64 \\
       --whole_word_masking --max_steps 100 --output_dir runs/tiny/mlm""",

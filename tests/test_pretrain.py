@@ -228,6 +228,15 @@ def test_unlabeled_sources_are_read(tmp_path):
         assert read_unlabeled(Config(train_file=source)) == (texts, source)
     write(tmp_path / "dir" / "train.csv", "text,label\na good film,-1\na bad one,1\nthe plot,\n")
     assert read_unlabeled(Config(data_dir=str(tmp_path / "dir")))[0] == texts
+    # a ../shared-style folder: its train and unsupervised files, never its test file
+    write(tmp_path / "dir" / "test.csv", "text,label\nheld out,1\n")
+    pd.DataFrame({"text": ["more text"], "label": [-1]}).to_parquet(tmp_path / "dir" / "unsupervised.parquet")
+    found, source = read_unlabeled(Config(data_dir=str(tmp_path / "dir")))
+    assert found == [*texts, "more text"] and source.endswith("train.csv + " + str(tmp_path / "dir" / "unsupervised.parquet"))
+    # aclImdb: train/neg, pos and unsup
+    for sub, text in (("neg", "bad"), ("pos", "good"), ("unsup", "no label"), ("../test/pos", "held out")):
+        write(tmp_path / "acl" / "train" / sub / "0_1.txt", text)
+    assert read_unlabeled(Config(data_dir=str(tmp_path / "acl")))[0] == ["bad", "good", "no label"]
 
 
 @pytest.mark.parametrize("content, expected", [

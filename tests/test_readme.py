@@ -92,12 +92,12 @@ def test_python_blocks_are_verbatim_source():
 
 
 def test_read_the_loop_shows_the_step_loop_of_train_py():
-    """Read the loop shows run()'s step loop from sentiment/train.py, with every GradScaler line in it."""
+    """Read the loop shows steps()'s step loop from sentiment/train.py, with every GradScaler line in it."""
     first, last = section_lines("Read the loop")
     blocks = [[line.strip() for line in block if line.strip() and line.strip() != ELISION]
               for start, block in fenced_blocks("python") if first <= start <= last]
-    loops = [lines for lines in blocks if "for step in range(start_step, total_steps):" in lines]
-    assert loops, "Read the loop shows no Python block with run()'s `for step in range(start_step, total_steps):`"
+    loops = [lines for lines in blocks if "for step in range(start_step, job.total_steps):" in lines]
+    assert loops, "Read the loop shows no Python block with `for step in range(start_step, job.total_steps):`"
     train = stripped_lines(REPO / "sentiment" / "train.py")
     assert in_order(loops[0], train), "Read the loop's step loop is not an in-order excerpt of sentiment/train.py"
     hidden = [line for line in train if line.startswith("scaler.") and line not in loops[0]]
