@@ -10,7 +10,6 @@ texts for batches (labels per token), and MLM loss and accuracy on a held-out sl
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -24,14 +23,14 @@ from sentiment import checkpoint as ckpt
 from sentiment import fit, rundir
 from sentiment.config import Config
 from sentiment.data import collator, eval_batches
-from sentiment.engine import Engine, setup_engine
+from sentiment.engine import Engine
 from sentiment.errors import ModelError
 from sentiment.loop import StopRequest, out_of_memory_is_an_error
 from sentiment.mlm_data import (EVAL_EPOCH, IGNORE, MaskedTexts, Masker, MLMCollator, read_unlabeled, split_texts,
                                 tokenize_texts)
 from sentiment.model import count_params, load_checked, load_mlm_model
-from sentiment.runlog import RunLog, check_report_to, console, environment, quiet_libraries
-from sentiment.train import Job, for_training, print_header, start_writing, steps
+from sentiment.runlog import RunLog, check_report_to, environment
+from sentiment.train import Job, for_training, in_run_folder, print_header, run_facts, start_writing, steps
 
 FINAL_STOP = ("while saving the model: pre-training is finished and checkpointed; stopping now. Run the same "
               "command with --resume auto to save the model")
@@ -40,17 +39,7 @@ FINAL_STOP = ("while saving the model: pre-training is finished and checkpointed
 def pretrain(cfg: Config) -> dict:
     """Run one masked-LM pre-training as configured; returns the results (also written to results.json),
     with the saved model's folder (a valid --model_name_or_path for `sentiment train`) as results["model_dir"]."""
-    console("stdout", replace=False)
-    engine = setup_engine(cfg.device, cfg.precision, cfg.seed, cfg.keep_freed_memory)
-    quiet_libraries(engine.is_main)
-    try:
-        out = Path(cfg.output_dir)
-        rundir.refuse_overlaps(cfg)
-        rundir.refuse_foreign(rundir.inspect(out))
-        with rundir.RunLock(out, engine.print) if engine.is_main else contextlib.nullcontext():
-            return run(cfg, engine)
-    finally:
-        engine.close()
+    return in_run_folder(cfg, run)
 
 
 def run(cfg: Config, engine: Engine) -> dict:
@@ -144,10 +133,7 @@ def finish(cfg: Config, engine: Engine, raw_model, tokenizer, n_train: int, n_va
     out = Path(cfg.output_dir)
     results = {"val": last_eval, **{k: (last_eval or {}).get(k) for k in ("mlm_loss", "mlm_accuracy", "perplexity")},
                "steps": steps_done, "n_texts": {"train": n_train, "val": n_val},
-               "samples_per_second": log.samples_per_second, "train_seconds": log.train_seconds,
-               "batch": {"global": plan.global_batch, "micro": plan.micro, "accum": plan.accum, "world": plan.world},
-               "runtime_s": time.perf_counter() - started, "peak_mem_mb": engine.peak_memory_mb(),
-               "engine": list(engine.decisions), "environment": env, "model_dir": str(out / "model")}
+               **run_facts(engine, log, plan, env, started)}
     if engine.is_main:
         ckpt.save_model(raw_model, tokenizer, out / "model",
                         {"pretrain_config.json": json.dumps(cfg.to_dict(), indent=2) + "\n"})

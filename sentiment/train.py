@@ -42,6 +42,12 @@ FINAL_EVAL_STOP = ("during the final evaluation: training is finished and checkp
 def train(cfg: Config) -> dict:
     """Run one fine-tuning as configured; returns the results (also written to results.json), with the saved
     model's folder as results["model_dir"]."""
+    return in_run_folder(cfg, run)
+
+
+def in_run_folder(cfg: Config, run: Callable[[Config, Engine], dict]) -> dict:
+    """`run(cfg, engine)` (train's or pretrain's) with the engine set up, and closed after, and the output folder
+    checked (ours or new, apart from the inputs) and locked by rank 0 for the run's length."""
     console("stdout", replace=False)  # the CLI chose already; from Python: print unless logging is configured
     engine = setup_engine(cfg.device, cfg.precision, cfg.seed, cfg.keep_freed_memory)
     quiet_libraries(engine.is_main)
@@ -262,6 +268,14 @@ def print_header(cfg: Config, engine: Engine, env: dict, model: torch.nn.Module,
         engine.print(line)
 
 
+def run_facts(engine: Engine, log: RunLog, plan: fit.BatchPlan, env: dict, started: float) -> dict:
+    """What results.json says of the run itself, besides its metrics: speed, batch, time, memory, where."""
+    return {"samples_per_second": log.samples_per_second, "train_seconds": log.train_seconds,
+            "batch": {"global": plan.global_batch, "micro": plan.micro, "accum": plan.accum, "world": plan.world},
+            "runtime_s": time.perf_counter() - started, "peak_mem_mb": engine.peak_memory_mb(),
+            "engine": list(engine.decisions), "environment": env, "model_dir": str(log.out / "model")}
+
+
 def finish(cfg: Config, engine: Engine, model, tokenizer, splits: Splits, progress: ckpt.Progress,
            last_eval: tuple | None, collate, log: RunLog, env: dict, started: float, plan: fit.BatchPlan) -> dict:
     """After the last step: load the best model (by validation accuracy; the last one without a validation
@@ -281,10 +295,7 @@ def finish(cfg: Config, engine: Engine, model, tokenizer, splits: Splits, progre
                "best_step": progress.best_step if has_val else None, "steps": progress.step,
                "n_reviews": {"train": len(splits.train), "val": len(splits.val) if has_val else 0,
                              "test": len(splits.test)},
-               "samples_per_second": log.samples_per_second, "train_seconds": log.train_seconds,
-               "batch": {"global": plan.global_batch, "micro": plan.micro, "accum": plan.accum, "world": plan.world},
-               "runtime_s": time.perf_counter() - started, "peak_mem_mb": engine.peak_memory_mb(),
-               "engine": list(engine.decisions), "environment": env, "model_dir": str(out / "model")}
+               **run_facts(engine, log, plan, env, started)}
     if engine.is_main:
         ckpt.save_model(raw_model, tokenizer, out / "model",
                         {ckpt.TRAINING_CONFIG: json.dumps(cfg.to_dict(), indent=2) + "\n",
