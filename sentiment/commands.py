@@ -34,6 +34,9 @@ def model_folder(name: str) -> str:
     path = Path(name)
     if not (path / rundir.MARKER).is_file():
         return name
+    if rundir.inspect(path).command == "pretrain":
+        raise ModelError(f"{name} is a `sentiment pretrain` run: its masked-LM model has no classification head; "
+                         f"fine-tune it first with sentiment train --model_name_or_path {path / 'model'}")
     if not (path / "model").is_dir():
         raise ModelError(f"{name} is a run that has saved no model yet; finish it with `sentiment train ... "
                          "--resume auto`, or pass another --model_name_or_path")

@@ -195,7 +195,7 @@ def test_ddp_equals_one_process_accumulating(mlm_config, tmp_path):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
-def test_a_run_of_the_other_command_is_refused(tiny_config, mlm_config, tmp_path):
+def test_a_run_of_the_other_command_is_refused(tiny_config, mlm_config, tmp_path, capsys):
     """One command's run folder or checkpoint is not the other's: refused in one line, nothing written (a
     classifier's state would not load into a masked LM, and a finished pretrain run has no test accuracy)."""
     cfg = tiny_config(max_steps=4, output_dir=str(tmp_path / "train"))
@@ -212,6 +212,12 @@ def test_a_run_of_the_other_command_is_refused(tiny_config, mlm_config, tmp_path
     pretrain(mlm)  # finished: train --resume auto there must not return its results as a classifier's
     with pytest.raises(ConfigError, match="holds a `sentiment pretrain` run, not a train run"):
         train(tiny_config(max_steps=2, output_dir=mlm.output_dir, resume="auto"))
+    capsys.readouterr()
+    for command, model in (("predict", mlm.output_dir), ("evaluate", str(Path(mlm.output_dir, "model")))):
+        code = main([command, "--model_name_or_path", model, "--max_length", "64", "--device", "cpu",
+                     *(["a fine film"] if command == "predict" else ["--data_dir", tiny_config().data_dir])])
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+        assert code == 2 and len(errors) == 1 and "classification head" in errors[0], errors
 
 
 # ----------------------------------------------------------------------------- sources and bad inputs
