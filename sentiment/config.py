@@ -177,9 +177,9 @@ PRESETS: dict[str, dict] = {
     "tutorial_val": {"val_fraction": 0.1},
     # A full-data fine-tune of bert-base-uncased, Sun et al.'s recipe (above).
     "full": dict(SUN_IMDB),
-    # The same recipe for an encoder further pre-trained on IMDb text (Sun et al.'s ITPT): pass its folder with
-    # --model_name_or_path (a save_pretrained folder of the masked-LM-trained encoder).
-    "full_pretrained": dict(SUN_IMDB),
+    # The same recipe on an encoder further pre-trained on IMDb text (Sun et al.'s ITPT): by default the model of
+    # `sentiment pretrain --output_dir runs/mlm` (the README's commands); another with --model_name_or_path.
+    "full_pretrained": {**SUN_IMDB, "model_name_or_path": "runs/mlm/model"},
     # A laptop-sized run: all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT, 22M parameters) on 2,000 reviews at 256
     # tokens (head+tail), 2 epochs, 10% held out; bf16 where the CPU has it (precision auto decides).
     "cpu_minilm": {"model_name_or_path": "sentence-transformers/all-MiniLM-L6-v2", "n_train": 2000,

@@ -15,6 +15,9 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "spiece.mod
 
 
 def _load_error(name: str, what: str, e: Exception) -> ModelError:
+    if not Path(name).exists() and (name.count("/") > 1 or name.startswith((".", "/", "~"))):  # no hub id: a path
+        return ModelError(f"could not load the {what} {name!r}: there is no such folder; check the path (a "
+                          "`sentiment pretrain` or `train` run writes its model to OUTPUT_DIR/model)")
     where = "the local folder" if Path(name).is_dir() else "the Hugging Face hub"
     fix = ("check that it holds config.json, the weights and the tokenizer files" if Path(name).is_dir()
            else "offline, pass --model_name_or_path /path/to/a/local/model/folder")

@@ -75,7 +75,18 @@ def test_the_full_presets_are_sun_et_al_on_imdb():
     assert (cfg.n_train, cfg.val_fraction, cfg.max_length, cfg.truncation) == (0, 0.1, 512, "head_tail")
     assert (cfg.lr, cfg.warmup_ratio, cfg.weight_decay, cfg.layer_lr_decay) == (2e-5, 0.1, 0.01, 0.95)
     assert (cfg.global_batch_size, cfg.micro_batch_size) == (32, 0)  # micro-batch auto
-    assert build_config("full_pretrained") == cfg  # the recipe; the encoder comes with --model_name_or_path
+    # the same recipe on `sentiment pretrain --output_dir runs/mlm`'s model (the README's commands)
+    assert build_config("full_pretrained") == dataclasses.replace(cfg, model_name_or_path="runs/mlm/model")
+
+
+def test_a_model_path_that_does_not_exist_is_named_as_a_path(tmp_path):
+    """`runs/mlm/model` before `sentiment pretrain` wrote it: not 'could not load from the Hugging Face hub'."""
+    from sentiment.errors import ModelError
+    from sentiment.model import load_checked
+
+    for name in ("runs/mlm/model", str(tmp_path / "missing"), "./model"):
+        with pytest.raises(ModelError, match=f"could not load the tokenizer '{name}': there is no such folder"):
+            load_checked(name, 128)
 
 
 def test_the_cpu_minilm_preset_parses_on_the_command_line():
