@@ -1,4 +1,5 @@
-"""Fine-tune a BERT classifier on IMDb: `train(cfg)` and the `run` it calls read top to bottom.
+"""Fine-tune a BERT classifier on IMDb: `train(cfg)`, the `run` it calls and the step loop `steps` read top to
+bottom. `sentiment pretrain` (pretrain.py) runs the same `steps` with masked texts instead of reviews.
 
 What the Hugging Face Trainer does behind `trainer.train()`, written out: a DataLoader over
 length-grouped batches, AdamW with no decay on biases/LayerNorm, a linear warmup/decay learning
