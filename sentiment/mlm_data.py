@@ -41,9 +41,7 @@ def read_unlabeled(cfg: Config) -> tuple[list[str], str]:
         sources, texts = [cfg.train_file], read_texts(cfg.train_file)
     elif cfg.data_dir:
         sources, texts = [], []
-        for split in ("train", "unsupervised"):
-            if split == "unsupervised" and not unsupervised_in(Path(cfg.data_dir)):
-                continue
+        for split in ("train", "unsupervised") if unsupervised_in(Path(cfg.data_dir)) else ("train",):
             source = data_dir_source(cfg.data_dir, split)
             sources.append(source)
             texts += read_texts(source) if Path(source).is_file() else read_acl_imdb(Path(cfg.data_dir), "train",
