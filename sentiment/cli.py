@@ -25,16 +25,11 @@ EVALUATE_FIELDS = ("model_name_or_path", "dataset", "test_file", "data_dir", "n_
                    "overwrite")
 PREDICT_FIELDS = ("model_name_or_path", "max_length", "truncation", "padding", "eval_batch_size", "device",
                   "precision", "compile", "keep_freed_memory", "overwrite")
-PRETRAIN_FIELDS = ("dataset", "train_file", "data_dir", "max_length", "truncation", "padding", "group_by_length",
-                   "shuffle", "model_name_or_path", "dropout", "gradient_checkpointing", "epochs", "max_steps",
-                   "micro_batch_size", "grad_accum_steps", "global_batch_size", "eval_batch_size", "lr",
-                   "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "warmup_ratio", "max_grad_norm", "seed",
-                   "device", "precision", "compile", "keep_freed_memory", "num_workers", "output_dir", "overwrite",
-                   "log_every", "eval_every", "save_every", "keep_last", "resume", "max_bad_steps", "report_to",
-                   "mlm_probability", "whole_word_masking", "mlm_val_fraction")
+TRAIN_ONLY = ("test_file", "n_train", "n_test", "val_fraction", "layer_lr_decay", "early_stopping_patience")
 PRETRAIN_ONLY = ("mlm_probability", "whole_word_masking", "mlm_val_fraction")
 COMMAND_FIELDS = {"train": tuple(f.name for f in fields(Config) if f.name not in PRETRAIN_ONLY),
-                  "pretrain": PRETRAIN_FIELDS, "evaluate": EVALUATE_FIELDS,
+                  "pretrain": tuple(f.name for f in fields(Config) if f.name not in TRAIN_ONLY),
+                  "evaluate": EVALUATE_FIELDS,
                   "predict": PREDICT_FIELDS, "plot": (), "doctor": ("device", "precision")}
 COMMANDS = tuple(COMMAND_FIELDS)
 DEFAULTS = Config()
