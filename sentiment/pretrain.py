@@ -87,7 +87,8 @@ def run(cfg: Config, engine: Engine) -> dict:
                                  collate=collate, masker=masker)
     job = Job(model, raw_model, optimizer, scaler, plan, progress, identity, steps_per_epoch, total_steps,
               warmup_steps, dataset=functools.partial(MaskedTexts, train_split, masker), collate=collate,
-              evaluate=(lambda m: (evaluate(m), None)) if val_split else None, shown=("mlm_loss", "mlm_accuracy"))
+              evaluate=(lambda m: (evaluate(m), None)) if val_split is not None else None,
+              shown=("mlm_loss", "mlm_accuracy"))
     with StopRequest(engine.print) as stop, out_of_memory_is_an_error(plan.micro, cfg.max_length, plan.global_batch), \
             RunLog(out, cfg, engine, raw_model, total_steps, progress.step) as log:
         last_eval = steps(cfg, engine, job, stop, log)
