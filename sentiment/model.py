@@ -159,10 +159,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float, layer_lr_decay: fl
         return [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay, "lr_scale": scale},
                 {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0, "lr_scale": scale}]
 
-    if layer_lr_decay in (0.0, 1.0):
+    if not layer_decay_on(layer_lr_decay):
         return decay_split(model.parameters(), 1.0)
     return [g for _, scale, layer in layer_scales(model, layer_lr_decay) for g in decay_split(layer, scale)
             if g["params"]]
+
+
+def layer_decay_on(decay: float) -> bool:
+    """layer_lr_decay's 0 and 1 both mean off: every layer at the scheduled lr."""
+    return decay not in (0.0, 1.0)
 
 
 def layer_scales(model: torch.nn.Module, decay: float) -> list[tuple[str, float, list[torch.nn.Parameter]]]:

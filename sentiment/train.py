@@ -31,7 +31,7 @@ from sentiment.engine import Engine, setup_engine
 from sentiment.evaluate import evaluate
 from sentiment.loop import (StopRequest, ignore_stop_signals, is_bad, lr_at, out_of_memory_is_an_error, set_lr,
                             step_totals, token_counts, too_many_bad_steps)
-from sentiment.model import count_params, layer_lr_line, load_checked, load_model, param_groups
+from sentiment.model import count_params, layer_decay_on, layer_lr_line, load_checked, load_model, param_groups
 from sentiment.report import misclassified, write_report
 from sentiment.runlog import (RunLog, StepClock, TimedBatches, check_report_to, console, environment, git_commit,
                               quiet_libraries)
@@ -97,7 +97,8 @@ def run(cfg: Config, engine: Engine) -> dict:
     print_header(cfg, engine, env, raw_model, plan, steps_per_epoch, warmup_steps, progress.step if resume else None,
                  [f"data: train {len(splits.train)} | val {len(splits.val) if has_val else 0} | test "
                   f"{len(splits.test)} reviews | model {count_params(raw_model)[0] / 1e6:.3g}M parameters"]
-                 + ([layer_lr_line(raw_model, cfg.lr, cfg.layer_lr_decay)] if cfg.layer_lr_decay not in (0, 1) else []))
+                 + ([layer_lr_line(raw_model, cfg.lr, cfg.layer_lr_decay)]
+                    if layer_decay_on(cfg.layer_lr_decay) else []))
 
     # ------------------------------------------------------------------------------ loop
     eval_split, eval_name = (splits.val, "val") if has_val else (splits.test, "test")
@@ -150,7 +151,7 @@ class Job:
     scaler: torch.amp.GradScaler
     plan: fit.BatchPlan  # global batch = micro x accum x world
     progress: ckpt.Progress  # mutated: the step, bad steps, the best evaluation
-    identity: dict  # config, run_id, fingerprint: saved in every checkpoint
+    identity: dict  # config, run_id, fingerprint, command: saved in every checkpoint
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
