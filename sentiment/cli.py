@@ -14,7 +14,8 @@ import sys
 import textwrap
 from dataclasses import fields
 
-from sentiment.config import PRESETS, Config, build_config, field_docs
+from sentiment.config import Config, field_docs
+from sentiment.presets import PRESETS, build_config
 from sentiment.errors import ConfigError, SentimentError
 from sentiment.runlog import LOG, console
 

@@ -1,6 +1,6 @@
-"""The one run configuration: a frozen, typed dataclass, its presets, and how it is built.
+"""The one run configuration: a frozen, typed dataclass, validated on construction, and what is read from it
+(each field's meaning, which fields a resume may change). presets.py builds one from presets, files and flags.
 
-Precedence: field defaults < `--preset NAME` < `--config FILE.json` < `--field value` flags.
 The defaults reproduce the Hugging Face Trainer tutorial (bert-base-uncased on IMDb,
 1000 train / 500 test reviews, 3 epochs, lr 5e-5, batch 8, linear decay, no warmup).
 """
@@ -8,13 +8,10 @@ The defaults reproduce the Hugging Face Trainer tutorial (bert-base-uncased on I
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
-import json
 import math
 import typing
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 from sentiment.errors import ConfigError
 
@@ -87,7 +84,7 @@ class Config:
     mlm_val_fraction: float = 0.02  # share of the texts held out for MLM loss and accuracy at each evaluation; 0 = off
 
     def __post_init__(self) -> None:
-        for name, kind in _field_types().items():
+        for name, kind in field_types().items():
             value = _typed(name, kind, getattr(self, name))
             object.__setattr__(self, name, value)  # frozen: the one sanctioned write, int -> float
             if kind is float and not math.isfinite(value):
@@ -161,31 +158,20 @@ def _is_cuda_index(device: str) -> bool:
     return head == "cuda" and index.isdigit()
 
 
-# Sun et al. 2019 ("How to Fine-Tune BERT for Text Classification") on IMDb: all 25,000 reviews (10% held out
-# to pick the best epoch, as they do), 512 tokens as head+tail, lr 2e-5 with 10% warmup, layer-wise lr decay
-# 0.95, and their 4 epochs, of which the best on validation is kept. Batch 32
-# (theirs is 24): micro-batch auto, the largest divisor of 32 that fits.
-SUN_IMDB = {"n_train": 0, "n_test": 0, "val_fraction": 0.1, "max_length": 512, "truncation": "head_tail",
-            "epochs": 4, "lr": 2e-5, "warmup_ratio": 0.1, "weight_decay": 0.01, "layer_lr_decay": 0.95,
-            "global_batch_size": 32, "micro_batch_size": 0}
+TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
-# Named recipes: each is a partial dict of fields applied over the defaults.
-PRESETS: dict[str, dict] = {
-    # The Hugging Face tutorial, exactly: the defaults above.
-    "tutorial": {},
-    # The tutorial's data and hyperparameters, but select the model on a held-out 10% of train.
-    "tutorial_val": {"val_fraction": 0.1},
-    # A full-data fine-tune of bert-base-uncased, Sun et al.'s recipe (above).
-    "full": dict(SUN_IMDB),
-    # The same recipe on an encoder further pre-trained on IMDb text (Sun et al.'s ITPT): by default the model of
-    # `sentiment pretrain --output_dir runs/mlm` (the README's commands); another with --model_name_or_path.
-    "full_pretrained": {**SUN_IMDB, "model_name_or_path": "runs/mlm/model"},
-    # A laptop-sized run: all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT, 22M parameters) on 2,000 reviews at 256
-    # tokens (head+tail), 2 epochs, 10% held out; bf16 where the CPU has it (precision auto decides).
-    "cpu_minilm": {"model_name_or_path": "sentence-transformers/all-MiniLM-L6-v2", "n_train": 2000,
-                   "val_fraction": 0.1, "max_length": 256, "truncation": "head_tail", "epochs": 2, "lr": 5e-5,
-                   "micro_batch_size": 16, "warmup_ratio": 0.1, "weight_decay": 0.01},
-}
+
+def is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not to us
+
+
+def _typed(name: str, kind: type, value: object) -> object:
+    """`value` if it has the field's type (an int for a float field becomes a float); else ConfigError."""
+    if kind is float and is_int(value):
+        return float(value)
+    if (kind is int and is_int(value)) or (kind is not int and isinstance(value, kind)):
+        return value
+    raise ConfigError(f"{name}={value!r} must be {TYPE_NAMES[kind]}, got {type(value).__name__}")
 
 
 @functools.cache
@@ -200,7 +186,7 @@ def field_docs() -> dict[str, tuple[str, str]]:
     for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(Config)).readline):
         if tok.type == tokenize.COMMENT and tok.line.strip().startswith("#"):
             group = tok.string.lstrip("# ").strip()  # a whole-line comment opens a group
-        elif tok.type == tokenize.NAME and tok.start[1] == 4 and pending is None and tok.string in _field_types():
+        elif tok.type == tokenize.NAME and tok.start[1] == 4 and pending is None and tok.string in field_types():
             pending = tok.string  # a field's name at the class body's indentation
         elif tok.type == tokenize.COMMENT and pending:
             docs[pending], pending = (group, tok.string.lstrip("# ").strip()), None
@@ -210,110 +196,9 @@ def field_docs() -> dict[str, tuple[str, str]]:
 
 
 @functools.cache
-def _field_types() -> dict[str, type]:
+def field_types() -> dict[str, type]:
     hints = typing.get_type_hints(Config)
     return {f.name: hints[f.name] for f in fields(Config)}
-
-
-TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not to us
-
-
-def _typed(name: str, kind: type, value: object) -> object:
-    """`value` if it has the field's type (an int for a float field becomes a float); else ConfigError."""
-    if kind is float and _is_int(value):
-        return float(value)
-    if (kind is int and _is_int(value)) or (kind is not int and isinstance(value, kind)):
-        return value
-    raise ConfigError(f"{name}={value!r} must be {TYPE_NAMES[kind]}, got {type(value).__name__}")
-
-
-# JSON values a config file may hold per field type: 2.0 is an integer, `true` is not 1, a list is no path
-JSON_TYPE_OK = {
-    bool: lambda v: isinstance(v, bool),
-    int: lambda v: _is_int(v) or (isinstance(v, float) and v.is_integer()),
-    float: lambda v: _is_int(v) or isinstance(v, float),
-    str: lambda v: isinstance(v, str),
-}
-
-
-AUTO = {"micro_batch_size": 0}  # fields that take the word `auto` for a number, and that number
-
-
-def check_file_types(data: dict, path: str) -> None:
-    """A config file's values must have their field's JSON type: coercing them like CLI strings would
-    turn `true` into 1 and a list into a path string."""
-    for key, value in data.items():
-        kind = _field_types()[key]
-        if not JSON_TYPE_OK[kind](value) and not (key in AUTO and value == "auto"):
-            raise ConfigError(f"config file {path}: {key!r} expects {TYPE_NAMES[kind]}, got {json.dumps(value)}; "
-                              "fix that value")
-
-
-def coerce(name: str, value: object) -> object:
-    """Convert a CLI string or a JSON value to the type of field `name`."""
-    kind = _field_types()[name]
-    if name in AUTO and str(value).strip().lower() == "auto":
-        return AUTO[name]
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("1", "true", "yes", "on"):
-            return True
-        if text in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"--{name} expects true or false, got {value!r}")
-    if kind is int and isinstance(value, float) and not value.is_integer():
-        raise ConfigError(f"--{name} expects an integer, got {value!r}")
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"--{name} expects {kind.__name__}, got {value!r}") from None
-
-
-def _check_keys(keys, source: str) -> None:
-    names = [f.name for f in fields(Config)]
-    for key in keys:
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean {close[0]}?" if close else "; see `sentiment train --help`"
-            raise ConfigError(f"unknown config key {key!r} in {source}{hint}")
-
-
-def load_config_file(path: str) -> dict:
-    """Read a JSON config file (a previous run's config.json works too)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist; check the path") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"config file {path} is not readable JSON ({e}); fix it") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a JSON object of field: value")
-    return data
-
-
-def build_config(preset: str = "", config_file: str = "", overrides: dict | None = None) -> Config:
-    """Defaults < preset < config file < overrides (already parsed CLI flags, as strings or values)."""
-    values: dict = {}
-    if preset:
-        if preset not in PRESETS:
-            close = difflib.get_close_matches(preset, list(PRESETS), n=1)
-            hint = f"did you mean {close[0]}? " if close else ""
-            raise ConfigError(f"unknown preset {preset!r}; {hint}choose one of {', '.join(PRESETS)}")
-        values.update(PRESETS[preset])
-    if config_file:
-        file_values = load_config_file(config_file)
-        _check_keys(file_values, config_file)
-        check_file_types(file_values, config_file)
-        values.update(file_values)
-    _check_keys(overrides or {}, "the command line")
-    values.update(overrides or {})
-    return Config(**{k: coerce(k, v) for k, v in values.items()})
 
 
 # Fields that change nothing about the numbers a run computes: a resume may change them freely.

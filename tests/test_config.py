@@ -7,7 +7,8 @@ import re
 import pytest
 
 from sentiment.cli import parse
-from sentiment.config import PRESETS, Config, build_config, coerce, resume_conflicts
+from sentiment.config import Config, resume_conflicts
+from sentiment.presets import PRESETS, build_config, coerce
 from sentiment.errors import ConfigError
 
 

@@ -10,7 +10,8 @@ import torch
 
 from conftest import read_metrics
 
-from sentiment.config import Config, build_config, coerce
+from sentiment.config import Config
+from sentiment.presets import build_config, coerce
 from sentiment.engine import Engine
 from sentiment.errors import ConfigError
 from sentiment.fit import (PROBE_LIMIT_ENV, BatchPlan, divisors, fit_micro_batch, memory_estimate, memory_lines,

@@ -12,11 +12,12 @@ import pytest
 from conftest import read_metrics
 
 from sentiment import cli
+from sentiment import figures as figures_module
 from sentiment import report as report_module
 from sentiment.config import Config
 from sentiment.errors import ConfigError
-from sentiment.report import (FIGURES, best_eval, epoch_ends, misclassified, plot_run, read_misclassified, read_run,
-                              redraw, write_report)
+from sentiment.figures import FIGURES, best_eval, epoch_ends, plot_run, read_run
+from sentiment.report import misclassified, read_misclassified, redraw, write_report
 from sentiment.train import train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -160,7 +161,7 @@ def eval_row(step: int, accuracy: float, split: str = "val") -> dict:
 
 def test_one_evaluation_sits_inside_an_integer_step_axis():
     pytest.importorskip("matplotlib")
-    ax = drawn(report_module._accuracy_figure([eval_row(34, 0.8)], None, last=34))  # the issue's 1-epoch run
+    ax = drawn(figures_module._accuracy_figure([eval_row(34, 0.8)], None, last=34))  # the issue's 1-epoch run
     lo, hi = ax.get_xlim()
     assert lo <= 33 and hi >= 35  # padding on both sides of the point
     ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
@@ -173,13 +174,13 @@ def test_accuracy_figure_marks_the_selected_step_only_with_validation():
     pytest.importorskip("matplotlib")
     rows = [eval_row(10, 0.7), eval_row(20, 0.9), eval_row(30, 0.9), eval_row(40, 0.8)]
     assert best_eval(rows)["step"] == 20  # a later tie is no better: train.py kept step 20's checkpoint
-    ax = drawn(report_module._accuracy_figure(rows, None, last=40))
+    ax = drawn(figures_module._accuracy_figure(rows, None, last=40))
     selected = [line for line in ax.get_lines() if "selected" in str(line.get_label())]
     assert len(selected) == 1 and list(selected[0].get_xdata()) == [20, 20]
     assert "step 20" in selected[0].get_label()
     test_rows = [eval_row(10, 0.7, "test"), eval_row(20, 0.9, "test")]
     assert best_eval(test_rows) is None  # no validation split: the final model, nothing selected
-    ax = drawn(report_module._accuracy_figure(test_rows, None, last=20))
+    ax = drawn(figures_module._accuracy_figure(test_rows, None, last=20))
     assert not [line for line in ax.get_lines() if "selected" in str(line.get_label())]
 
 
@@ -187,7 +188,7 @@ def test_loss_figure_draws_a_line_at_each_epoch_end():
     pytest.importorskip("matplotlib")
     rows = [{"step": s, "epoch": e, "loss": 0.7} for s, e in [(1, 1), (2, 1), (3, 2), (4, 2), (5, 3), (6, 3)]]
     assert epoch_ends(rows) == [2, 4]  # the last epoch's end is the run's end, no boundary
-    ax = drawn(report_module._loss_figure(np.array([r["step"] for r in rows]), rows, [], last=6))
+    ax = drawn(figures_module._loss_figure(np.array([r["step"] for r in rows]), rows, [], last=6))
     boundaries = [line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == ":"]
     assert boundaries == [2, 4]
     assert [line.get_label() for line in ax.get_lines()].count("epoch end") == 1  # one legend entry
@@ -197,7 +198,7 @@ def test_loss_figure_draws_a_line_at_each_epoch_end():
 def test_grad_norm_axis_has_readable_ticks(norms):
     pytest.importorskip("matplotlib")
     rows = [{"step": i + 1, "epoch": 1, "grad_norm": n, "clipped": n > 1} for i, n in enumerate(norms)]
-    ax = drawn(report_module._grad_norm_figure(np.arange(1, len(rows) + 1), rows, 1.0, last=len(rows)))
+    ax = drawn(figures_module._grad_norm_figure(np.arange(1, len(rows) + 1), rows, 1.0, last=len(rows)))
     labels = tick_labels(ax, "y")
     assert len(labels) >= 3, labels  # a log axis over 0.04..3.5 used to label only 10^-1 and 10^0
     assert not any("$" in label for label in labels)  # plain numbers, not 3x10^-1 mathtext
