@@ -26,6 +26,7 @@ import torch
 from sentiment.errors import CheckpointError
 
 CHECKPOINT_DIR = "checkpoints"
+RUN_MARKER = ".sentiment-run.json"  # what makes a folder a run folder (rundir.py); deleting never crosses one
 TRAINING_CONFIG = "sentiment_config.json"  # in a saved model folder: the run's config (evaluate/predict read it)
 NAME = re.compile(r"^step_(\d+)\.pt$")
 # what resume needs besides the weights; a file lacking any is not our checkpoint
@@ -70,11 +71,15 @@ def atomic_write(path: Path, write) -> None:
     file or the new one."""
     tmp = path.with_name(f".{path.name}.tmp")
     with disk_full_is_an_error(path.parent, cleanup=lambda: _remove(tmp)):
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:  # a second Ctrl-C mid-write, too: no half-written temp file left behind
+            _remove(tmp)
+            raise
         _fsync_dir(path.parent)
 
 
@@ -123,7 +128,20 @@ def save_checkpoint(output_dir: Path, state: dict, keep_last: int) -> Path:
 
 def remove_checkpoints(output_dir: Path) -> None:
     """Delete a finished run's checkpoints folder (keep_last 0); the model and results stay."""
-    shutil.rmtree(output_dir / CHECKPOINT_DIR, ignore_errors=True)
+    remove(output_dir / CHECKPOINT_DIR)
+
+
+def remove(path: Path) -> None:
+    """Delete one of a run's own files or folders. Never follows a link (a symlink is unlinked, what it points to
+    stays, as `rm -r` does), and never deletes a folder that holds another run (its RUN_MARKER, at any depth)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        inner = next((Path(root) for root, _, files in os.walk(path) if RUN_MARKER in files), None)
+        if inner is not None:
+            raise CheckpointError(f"{path} holds another run ({inner}); nothing in it was deleted: move that run "
+                                  "out, then run again")
+        shutil.rmtree(path)
 
 
 def checkpoint_path(output_dir: Path, step: int) -> Path:
@@ -166,20 +184,29 @@ class Resume:
                    state.get("command", "train"))
 
 
-def find_resume(resume: str, output_dir: Path, warn: Callable[[str], None] = print) -> Resume | None:
+def find_resume(resume: str, output_dir: Path, warn: Callable[[str], None] = print,
+                fresh_if_unreadable: bool = False) -> Resume | None:
     """The checkpoint to resume from: `auto` = the newest checkpoint in output_dir that loads (a corrupt
     newer one is reported with `warn`, e.g. rank 0's print, and skipped), or an explicit path; None if
-    `auto` finds none."""
+    `auto` finds none. Checkpoints that exist but none of which loads are a CheckpointError: what cannot be
+    read is never a reason to start again over them (unless fresh_if_unreadable, i.e. --overwrite true)."""
     if resume != "auto":
         if Path(resume).is_dir():
             raise CheckpointError(f"--resume {resume} is a folder; pass a checkpoint file in it (e.g. "
                                   f"{CHECKPOINT_DIR}/step_NNNNNNN.pt), or --resume auto with --output_dir set to the run")
         return Resume.read(Path(resume))
-    for path in checkpoint_paths(output_dir / CHECKPOINT_DIR):
+    paths = checkpoint_paths(output_dir / CHECKPOINT_DIR)
+    for i, path in enumerate(paths):
         try:
             return Resume.read(path)
         except CheckpointError as e:
-            warn(f"warning: {e}; trying an older checkpoint")
+            warn(f"warning: {e}" + ("; trying an older checkpoint" if i + 1 < len(paths) else ""))
+    if paths and not fresh_if_unreadable:
+        names = ", ".join(p.name for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
+        raise CheckpointError(f"--resume auto: none of the {len(paths)} checkpoint(s) in {output_dir / CHECKPOINT_DIR} "
+                              f"loads ({names}); nothing was changed: restore them (from a backup, a remounted disk, "
+                              "or the sentiment version that wrote them), or pass --overwrite true to delete this "
+                              "run and start again")
     return None
 
 
@@ -229,10 +256,11 @@ def restore_state(state: dict, model, optimizer, scaler, engine) -> Progress:
                     state.get("evals_since_best", 0))
 
 
-def fingerprint(tokenizer, train, val) -> dict[str, str]:
+def fingerprint(tokenizer, train, val, model_config=None) -> dict[str, str]:
     """Short sha256 digests of what a run learns from and selects on: the token ids and labels actually
-    used (after subsampling, the validation split and truncation), and the tokenizer's vocabulary and
-    special tokens. A resume compares them: the same flags over changed files would train on other data."""
+    used (after subsampling, the validation split and truncation), the tokenizer's vocabulary and special
+    tokens, and the model's architecture (its config, less where it was read from). A resume compares them: the
+    same flags over changed files would train on other data; the same files elsewhere are the same run."""
     def digest(*parts) -> str:
         h = hashlib.sha256()
         for part in parts:
@@ -241,9 +269,14 @@ def fingerprint(tokenizer, train, val) -> dict[str, str]:
 
     vocab = json.dumps([type(tokenizer).__name__, sorted(tokenizer.get_vocab().items()),
                         tokenizer.all_special_tokens, getattr(tokenizer, "do_lower_case", None)])
-    return {"training data": digest(train.tokens, train.offsets, train.labels),
-            "validation data": digest(val.tokens, val.offsets, val.labels) if val is not None else "",
-            "tokenizer": digest(vocab)}
+    found = {"training data": digest(train.tokens, train.offsets, train.labels),
+             "validation data": digest(val.tokens, val.offsets, val.labels) if val is not None else "",
+             "tokenizer": digest(vocab)}
+    if model_config is not None:  # "_name_or_path" and the library's version say nothing of the weights' shapes
+        arch = {k: v for k, v in model_config.to_dict().items()
+                if not k.startswith("_") and k != "transformers_version"}
+        found["model"] = digest(json.dumps(arch, sort_keys=True, default=str))
+    return found
 
 
 def check_fingerprint(resume: Resume, now: dict[str, str], say: Callable[[str], None]) -> None:
@@ -252,11 +285,12 @@ def check_fingerprint(resume: Resume, now: dict[str, str], say: Callable[[str], 
         say(f"warning: checkpoint {path} records no data fingerprint (an older version wrote it): "
             "the data it was trained on cannot be checked")
         return
-    changed = [k for k in now if saved.get(k) != now[k]]
+    changed = [k for k in now if k in saved and saved[k] != now[k]]  # "model": since checkpoints recorded it
     if changed:
-        raise CheckpointError(f"cannot resume from {path}: the {' and the '.join(changed)} differ from what its run "
-                              "used (a data file or the tokenizer changed since); restore them, or start a new "
-                              "run in another --output_dir")
+        raise CheckpointError(f"cannot resume from {path}: the {' and the '.join(changed)} "
+                              f"{'differs' if len(changed) == 1 else 'differ'} from what its run used (a data file, "
+                              "the tokenizer or the model changed since); restore them, or start a new run in another "
+                              "--output_dir")
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -279,15 +313,13 @@ def save_model(model: torch.nn.Module, tokenizer, folder: Path, files: dict[str,
     rename: `folder` is whole or absent."""
     tmp, old = folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.old")
     for leftover in (tmp, old):  # from a run killed in here: only ever our own temp folders
-        if leftover.exists():
-            shutil.rmtree(leftover)
+        remove(leftover)
     with disk_full_is_an_error(folder.parent, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         for name, text in (files or {}).items():
             (tmp / name).write_text(text)
-    if folder.exists():
+    if os.path.lexists(folder):  # a link is renamed as the link, and then unlinked: its target is never touched
         folder.rename(old)
     tmp.rename(folder)
-    if old.exists():
-        shutil.rmtree(old)
+    remove(old)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import re
 import sys
 import textwrap
 from dataclasses import fields
@@ -140,6 +141,12 @@ Commands: {commands}; each has its own --help."""
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        # argparse reads "-1e-3" as a flag (its own pattern knows only -1 and -.5), so `--lr -1e-3` would be "expected
+        # one argument" instead of our range check; every number, "-inf" and "-nan" included, is a value
+        self._negative_number_matcher = re.compile(r"^-(\.?\d|inf$|nan$)")
+
     def error(self, message: str):
         """A bad command line is one `error:` line from main(), not argparse's usage block and exit."""
         raise ConfigError(f"{message} (see `{self.prog} --help`)")
@@ -175,10 +182,12 @@ def make_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--input", default="", metavar="FILE", help="reviews to classify instead: a parquet/CSV/"
                             "JSONL file with a `text` column, a .txt file with one review per line, or - for stdin")
     if command in ("predict", "evaluate"):
-        what = ("predictions: .jsonl or .csv, a row per review in input order (label, prob_neg, prob_pos)"
-                if command == "predict" else "the metrics as a JSON file")
-        parser.add_argument("--output", default="", metavar="FILE", help=f"write {what}; kept if it exists, "
-                            "unless --overwrite true")
+        what = ("predictions, a row per review in input order (label, prob_neg, prob_pos), as the suffix says: "
+                ".jsonl, .csv, .tsv or .parquet; - = JSON lines on stdout" if command == "predict"
+                else "the metrics as a .json file (- = stdout only)")
+        parser.add_argument("--output", default="", metavar="FILE", help=f"write {what}. Checked before any work: "
+                            "its folder must exist (it is not created); an existing file is kept unless "
+                            "--overwrite true")
     if command == "plot":
         parser.add_argument("run_dir", help="a run's output_dir")
     if command == "doctor":
@@ -230,6 +239,21 @@ def users(flag: str) -> list[str]:  # the commands that take `flag`
     return [c for c in COMMANDS if flag in flag_names(c)]
 
 
+def repeated_flags(argv: list[str]) -> list[str]:
+    """A line for each flag given more than once: argparse keeps the last silently. Not an error, since a later
+    flag overriding an earlier one is what `make train ARGS=...` and wrapper scripts rely on, but said."""
+    values: dict[str, list[str]] = {}
+    for i, token in enumerate(argv):
+        if token == "--":  # what follows is arguments, never flags
+            break
+        if token.startswith("--"):
+            flag, eq, value = token.partition("=")
+            following = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else ""
+            values.setdefault(flag, []).append(value if eq else following)
+    return [f"{flag} is given {len(seen)} times ({', then '.join(v or 'bare' for v in seen)}); the last one is used"
+            for flag, seen in values.items() if len(seen) > 1]
+
+
 def parse(argv: list[str]) -> tuple[str, argparse.Namespace, Config | None]:
     """(command, parsed args, config) from the command line; raises ConfigError on any bad flag."""
     command = "train"
@@ -258,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         command, args, cfg = parse(argv)
         console("stdout" if command in ("train", "pretrain") else "stderr")  # predict, evaluate: only results on stdout
+        for note in repeated_flags(argv):
+            LOG.warning(f"note: {note}")
         if cfg is not None and command != "doctor":  # the doctor reports the hub's state, and changes nothing
             from sentiment.hub import offline_if_unreachable
             note = offline_if_unreachable(cfg, command)  # before transformers/datasets are imported

@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import io
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from sentiment.engine import Engine, setup_engine
 from sentiment.errors import ConfigError, DataError, ModelError
 from sentiment.evaluate import evaluate, predict_probs
 from sentiment.model import load_checked, load_model
+from sentiment.rows import is_blank
 from sentiment.runlog import LOG, console, quiet_libraries
 
 RECORDED = ("max_length", "truncation")  # how the model saw reviews in training: inference must see them alike
@@ -66,9 +68,27 @@ def load_for_inference(cfg: Config, engine: Engine):
     return cfg, model, tokenizer, collator(cfg, tokenizer.pad_token_id)
 
 
-def refuse_to_replace(output: str, cfg: Config) -> None:
-    """An existing output file is someone's results: replaced only with --overwrite true."""
-    if output and output != "-" and Path(output).exists() and not cfg.overwrite:
+PREDICTION_FORMATS = (".jsonl", ".csv", ".tsv", ".parquet")  # predict --output, by suffix; - = JSON lines on stdout
+METRICS_FORMATS = (".json",)  # evaluate --output
+
+
+def check_output(output: str, formats: tuple[str, ...], cfg: Config) -> None:
+    """Before any work: --output names a file we can write in a format we write. Its folder must exist (it is not
+    created: a typo there would scatter results), it is no folder, and it is replaced only with --overwrite true."""
+    if not output or output == "-":
+        return
+    path = Path(output)
+    if path.is_dir():
+        raise ConfigError(f"--output {output} is a folder; pass a file path, e.g. {path / ('out' + formats[0])}")
+    if path.suffix.lower() not in formats:
+        raise ConfigError(f"--output {output}: {repr(path.suffix) if path.suffix else 'no'} suffix; the format is "
+                          f"read from it: name the file with one of {', '.join(formats)} (or - for stdout)")
+    if not path.parent.is_dir():
+        raise ConfigError(f"--output {output}: the folder {path.parent} does not exist; create it first (mkdir -p "
+                          f"{path.parent}) or pass another --output")
+    if not os.access(path.parent, os.W_OK):
+        raise ConfigError(f"--output {output}: the folder {path.parent} is not writable; pass another --output")
+    if os.path.lexists(path) and not cfg.overwrite:
         raise ConfigError(f"{output} exists; pass another --output, or --overwrite true to replace it")
 
 
@@ -99,7 +119,7 @@ def predict_on(cfg: Config, engine: Engine, texts: list[str]) -> list[dict]:
     """{"label", "prob_neg", "prob_pos"} for each text, in order."""
     if not texts:
         raise DataError("predict got no texts; pass review texts, or --input FILE with a `text` column")
-    empty = next((i for i, t in enumerate(texts) if not t.strip()), None)
+    empty = next((i for i, t in enumerate(texts) if is_blank(t)), None)
     if empty is not None:
         raise DataError(f"text {empty + 1} of {len(texts)} is empty; remove it or give it a review")
     import datasets  # here, not at the top: the CLI decides hub-offline before datasets is imported
@@ -125,12 +145,12 @@ def predict(cfg: Config, texts: list[str]) -> list[dict]:
 
 def evaluate_command(cfg: Config, output: str = "") -> dict:
     """`sentiment evaluate`: the metrics as JSON on stdout, and in `output` (a JSON file) if given (rank 0)."""
-    refuse_to_replace(output, cfg)
+    check_output(output, METRICS_FORMATS, cfg)
     with inference_engine(cfg) as engine:
         metrics = evaluate_on(cfg, engine)
         if engine.is_main:
             sys.stdout.write(json.dumps(metrics, indent=2) + "\n")
-            if output:
+            if output and output != "-":  # - is stdout, written just above
                 write_json(Path(output), metrics)
                 LOG.info(f"metrics written to {output}")
     return metrics
@@ -144,7 +164,7 @@ def read_texts(source: str) -> list[str]:
             lines = (sys.stdin.read() if source == "-" else Path(source).read_text()).splitlines()
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(f"cannot read {source} ({e}); pass a UTF-8 text file, one review per line") from None
-        return [line for line in lines if line.strip()]
+        return [line for line in lines if not is_blank(line)]
     ds = read_file(source)
     if "text" not in ds.column_names:
         raise DataError(f"{source} has no `text` column (columns: {', '.join(ds.column_names)}); rename the "
@@ -152,29 +172,44 @@ def read_texts(source: str) -> list[str]:
     return ["" if t is None else str(t) for t in ds["text"]]  # a missing text is an empty one: refused
 
 
-def format_predictions(rows: list[dict], path: str) -> str:
-    """CSV for a .csv path, else JSON lines; a row per review, in input order."""
-    if path.endswith(".csv"):
+def write_predictions(rows: list[dict], output: str) -> None:
+    """The rows in the format --output's suffix names (check_output let only PREDICTION_FORMATS through), one
+    per review in input order; `-`: JSON lines on stdout. A file is replaced whole or not at all (atomic_write)."""
+    suffix = Path(output).suffix.lower()
+    if output == "-" or suffix == ".jsonl":
+        text = "".join(json.dumps(row) + "\n" for row in rows)
+        if output == "-":
+            sys.stdout.write(text)
+        else:
+            atomic_write(Path(output), lambda f: f.write(text.encode()))
+    elif suffix in (".csv", ".tsv"):
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=["label", "prob_neg", "prob_pos"], lineterminator="\n")
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n",
+                                delimiter="," if suffix == ".csv" else "\t")
         writer.writeheader()
         writer.writerows(rows)
-        return buffer.getvalue()
-    return "".join(json.dumps(row) + "\n" for row in rows)
+        atomic_write(Path(output), lambda f: f.write(buffer.getvalue().encode()))
+    else:  # .parquet, through pyarrow (a dependency of datasets)
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        atomic_write(Path(output), lambda f: pq.write_table(pa.Table.from_pylist(rows), f))
 
 
 def predict_command(cfg: Config, texts: list[str], input: str = "", output: str = "") -> list[dict]:
     """`sentiment predict`: texts from the arguments or --input; a TSV line per review on stdout (label,
-    probability of that label, the text's start), or --output FILE (.jsonl or .csv); rank 0 writes."""
+    probability of that label, the text's start), or --output FILE (.jsonl, .csv, .tsv, .parquet; - = JSON lines
+    on stdout); rank 0 writes."""
     if bool(texts) == bool(input):
         raise ConfigError("predict takes review texts as arguments or --input FILE (- for stdin), not both or neither")
-    refuse_to_replace(output, cfg)
+    check_output(output, PREDICTION_FORMATS, cfg)
     texts = texts or read_texts(input)
     with inference_engine(cfg) as engine:
         rows = predict_on(cfg, engine, texts)
         if engine.is_main and output:
-            atomic_write(Path(output), lambda f: f.write(format_predictions(rows, output).encode()))
-            LOG.info(f"{len(rows)} predictions written to {output}")
+            write_predictions(rows, output)
+            if output != "-":
+                LOG.info(f"{len(rows)} predictions written to {output}")
         elif engine.is_main:
             for row, text in zip(rows, texts):
                 sys.stdout.write(f"{row['label']}\t{max(row['prob_neg'], row['prob_pos']):.4f}\t{text[:80]}\n")

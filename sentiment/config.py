@@ -208,11 +208,12 @@ RESUME_SAFE_FIELDS = frozenset({
 })
 
 
-def resume_conflicts(saved: dict, cfg: Config) -> list[str]:
+def resume_conflicts(saved: dict, cfg: Config, checked_elsewhere: frozenset[str] = frozenset()) -> list[str]:
     """Fields whose value differs between a checkpoint's config and this run, and that matter. A field the saved
-    config lacks was added since that run was written, which then behaved as its default."""
-    now, default = cfg.to_dict(), _defaults()
-    return sorted(k for k in now if k not in RESUME_SAFE_FIELDS and saved.get(k, default[k]) != now[k])
+    config lacks was added since that run was written, which then behaved as its default. `checked_elsewhere`:
+    fields whose meaning the caller compares itself (a moved data or model folder: by what it holds)."""
+    now, default, safe = cfg.to_dict(), _defaults(), RESUME_SAFE_FIELDS | checked_elsewhere
+    return sorted(k for k in now if k not in safe and saved.get(k, default[k]) != now[k])
 
 
 @functools.cache
@@ -220,9 +221,9 @@ def _defaults() -> dict:
     return Config().to_dict()
 
 
-def refuse_conflicts(saved: dict, cfg: Config, what: str) -> None:
+def refuse_conflicts(saved: dict, cfg: Config, what: str, checked_elsewhere: frozenset[str] = frozenset()) -> None:
     """ConfigError naming the fields in which `cfg` differs from the run being resumed (`what`)."""
-    conflicts = resume_conflicts(saved, cfg)
+    conflicts = resume_conflicts(saved, cfg, checked_elsewhere)
     if conflicts:
         raise ConfigError(f"cannot resume {what}: these fields differ from its run: {', '.join(conflicts)}; "
                           "use the original values or a new --output_dir")

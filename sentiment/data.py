@@ -19,7 +19,8 @@ from sentiment.config import Config
 from sentiment.errors import DataError
 
 # LABEL_NAMES and check_split are also imported from here (model.py, scripts/split_data.py)
-from sentiment.rows import LABEL_NAMES, check_split, check_two_classes, class_counts, first_bad_json_line
+from sentiment.rows import (LABEL_NAMES, check_split, check_two_classes, class_counts, first_bad_json_line,
+                            is_blank)
 
 FILE_READERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
 HEAD_TOKENS = 128  # head_tail keeps this many leading tokens (Sun et al. 2019, "How to Fine-Tune BERT")
@@ -34,6 +35,9 @@ def read_file(path: str):
     import datasets
 
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"data file {path} is a folder; pass a .parquet, .csv or .jsonl file in it (a folder of "
+                        "train and test files goes to --data_dir)")
     if not p.is_file():
         raise DataError(f"data file {path} does not exist; check the path")
     reader = FILE_READERS.get(p.suffix.lower())
@@ -73,7 +77,7 @@ def read_acl_imdb(folder: Path, split: str, names: tuple[str, ...] = LABEL_NAMES
                 texts.append(f.read_text(encoding="utf-8"))
             except UnicodeDecodeError:
                 raise DataError(f"{f} is not UTF-8 text; re-encode it") from None
-            if not texts[-1].strip():
+            if is_blank(texts[-1]):
                 raise DataError(f"{f} is empty; fill it in or move it out of the folder")
             labels.append(label)
     if not texts:

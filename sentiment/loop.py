@@ -79,26 +79,31 @@ def out_of_memory_is_an_error(micro_batch_size: int, max_length: int, global_bat
             f"{global_batch}") from None
 
 
+# SIGTERM: a scheduler's preemption (SLURM, Kubernetes); SIGINT: Ctrl-C; SIGHUP: the terminal or ssh session closed
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers leave SIGTERM/SIGINT to the main process: SLURM and Ctrl-C signal the whole process
-    group, and a worker killed by it would crash the main process before it can checkpoint."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """DataLoader workers leave the stop signals to the main process: SLURM, Ctrl-C and a closed terminal signal
+    the whole process group, and a worker killed by it would crash the main process before it can checkpoint."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop finishes its optimizer step, checkpoints and calls `exit`.
+    """SIGTERM/SIGINT/SIGHUP set a flag; the loop finishes its optimizer step, checkpoints and calls `exit`.
     A second SIGINT raises KeyboardInterrupt at once (checkpoints are atomic: nothing is corrupted).
-    Once `immediate` is set (e.g. during the final evaluation), a signal stops at once, saying it."""
+    Once `immediate` is set (e.g. during the final evaluation, or before training starts), a signal stops at
+    once, saying it; the exit status is the shell's 128 + the signal's number."""
 
-    def __init__(self, say=print) -> None:
+    def __init__(self, say=print, immediate: str = "") -> None:
         self.signal_name = ""
-        self.immediate = ""
+        self.immediate = immediate
         self._previous = {}
-        self._say = say  # engine.print: under torchrun every rank gets the signal, rank 0 says so
+        self.say = say  # engine.print once there is an engine: under torchrun every rank gets the signal
 
     def __enter__(self) -> "StopRequest":
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. in some notebooks): no graceful stop
@@ -110,9 +115,9 @@ class StopRequest:
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
         if self.immediate:
-            self._say(f"\n{self.signal_name} received {self.immediate}")
-            raise SystemExit(143 if signum == signal.SIGTERM else 130)
-        self._say(f"\n{self.signal_name} received: finishing this step, then checkpointing "
+            self.say(f"\n{self.signal_name} received {self.immediate}")
+            raise SystemExit(128 + signum)
+        self.say(f"\n{self.signal_name} received: finishing this step, then checkpointing "
                   "(Ctrl-C again to quit at once)")
 
     @property
@@ -121,9 +126,9 @@ class StopRequest:
 
     def exit(self, step: int) -> None:
         """After the checkpoint of `step`: say how to go on, and exit as the signal asked (143 or 130)."""
-        self._say(f"stopped by {self.signal_name or 'another rank'} after step {step}; "
+        self.say(f"stopped by {self.signal_name or 'another rank'} after step {step}; "
                   f"checkpoint written. Resume with the same flags plus --resume auto")
-        raise SystemExit(143 if self.signal_name == "SIGTERM" else 130)
+        raise SystemExit(128 + signal.Signals[self.signal_name].value if self.signal_name else 143)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():

@@ -19,7 +19,7 @@ import torch
 from sentiment.config import Config
 from sentiment.data import FILE_READERS, Collator, TokenizedSplit, data_dir_source, read_acl_imdb, read_hub, tokenize
 from sentiment.errors import DataError
-from sentiment.rows import row_location
+from sentiment.rows import is_blank, row_location
 
 HUB_SPLITS = {"stanfordnlp/imdb": ["train", "unsupervised"]}  # the hub splits to read per dataset; ["train"] else
 ACL_UNLABELED = ("neg", "pos", "unsup")  # aclImdb's train/ subfolders of texts
@@ -54,7 +54,7 @@ def read_unlabeled(cfg: Config) -> tuple[list[str], str]:
     if not texts:
         raise DataError(f"{source} holds no texts; pass a file with at least one non-empty text")
     for row, text in enumerate(texts):
-        if not text.strip():
+        if is_blank(text):
             raise DataError(f"{row_location(sources[0], row) if len(sources) == 1 else f'{source}: text {row}'}: "
                             "empty or missing text; fill in its text or drop the row")
     return texts, source

@@ -15,6 +15,10 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "spiece.mod
 
 
 def _load_error(name: str, what: str, e: Exception) -> ModelError:
+    if Path(name).is_file():  # e.g. a checkpoint's step_N.pt
+        return ModelError(f"--model_name_or_path {name} is a file; it takes a model folder (config.json, weights and "
+                          "tokenizer files: RUN/model, or the run folder RUN) or a hub id; a checkpoint .pt file "
+                          "goes to --resume")
     if not Path(name).exists() and (name.count("/") > 1 or name.startswith((".", "/", "~"))):  # no hub id: a path
         return ModelError(f"could not load the {what} {name!r}: there is no such folder; check the path (a "
                           "`sentiment pretrain` or `train` run writes its model to OUTPUT_DIR/model)")

@@ -60,7 +60,7 @@ def run(cfg: Config, engine: Engine) -> dict:
         train_texts, val_texts = split_texts(texts, cfg.mlm_val_fraction, cfg.seed)
         train_split = tokenize_texts(train_texts, tokenizer, cfg)
         val_split = tokenize_texts(val_texts, tokenizer, cfg) if val_texts else None
-    fingerprint = ckpt.fingerprint(tokenizer, train_split, val_split)
+    fingerprint = ckpt.fingerprint(tokenizer, train_split, val_split, model_config)
     if resume:
         ckpt.check_fingerprint(resume, fingerprint, engine.print)
     steps_per_epoch = math.ceil(len(train_split) / plan.global_batch)

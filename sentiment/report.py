@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from sentiment import rundir
 from sentiment.checkpoint import atomic_write
 from sentiment.data import LABEL_NAMES
+from sentiment.errors import ConfigError
 from sentiment.figures import FIGURES, PLOTS_DIR, best_eval, plot_run, read_run
 
 TEXT_CHARS = 300  # characters of a misclassified review shown in report.md
@@ -45,13 +47,20 @@ def write_report(run_dir: str | Path, misclassified: list[dict] | None, results:
     """RUN/report.md: final metrics (`results`, else RUN/results.json), engine decisions, figures (drawn now
     when matplotlib is installed), the given misclassified reviews (None: not known), and the config."""
     has_mpl = importlib.util.find_spec("matplotlib") is not None
-    return _write_report(Path(run_dir), misclassified, results, plot_run(run_dir, results) if has_mpl else None)
+    train_rows = read_run(run_dir)[0]  # none in a new folder that continued a run's last checkpoint: no figure
+    figures = (plot_run(run_dir, results) if train_rows else []) if has_mpl else None
+    return _write_report(Path(run_dir), misclassified, results, figures)
 
 
 def redraw(run_dir: str | Path) -> list[Path]:
     """`sentiment plot RUN`: the figures of any run and a finished run's report.md; returns the paths written.
     The misclassified reviews are read back from report.md: their test predictions existed only at the end."""
     run = Path(run_dir)
+    folder = rundir.inspect(run)
+    if folder.state not in ("new", "started", "finished"):
+        raise ConfigError(f"{run} is not a run folder (no readable {rundir.MARKER} run marker); sentiment plot writes "
+                          "only into folders a sentiment run wrote: pass a run's output_dir")
+    rundir.refuse_links(folder)  # plots/ through a link would write into whatever it points to
     figures = plot_run(run)
     if not (run / "results.json").is_file():
         return figures  # in progress: train.py writes report.md when the run finishes

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,12 @@ from sentiment.errors import DataError
 
 LABEL_NAMES = ("neg", "pos")
 LABEL_SPELLINGS = (("neg", "negative", "0"), ("pos", "positive", "1"))  # case and spaces ignored
+
+
+def is_blank(text: str) -> bool:
+    """True for a text with nothing to read: only white space, control and format characters (a NUL, an
+    escape, a zero-width space) or U+FFFD, all of which BERT's tokenizers drop, so it would be [CLS] [SEP] alone."""
+    return all(c.isspace() or c == "\ufffd" or unicodedata.category(c) in ("Cc", "Cf") for c in text)
 
 
 # ----------------------------------------------------------------------------- labels
@@ -93,7 +100,7 @@ def check_split(ds, source: str):
     except UnicodeDecodeError:
         raise DataError(f"{source} is not UTF-8 text; re-encode it (e.g. iconv -f latin1 -t utf-8)") from None
     for row, text in enumerate(texts):
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str) or is_blank(text):
             raise DataError(f"{row_location(source, row)}: empty or missing text; fill in its text")
     feature = ds.features["label"]
     class_ids = class_label_ids(feature.names, source) if isinstance(feature, datasets.ClassLabel) else None

@@ -14,7 +14,7 @@ import errno
 import fcntl
 import json
 import os
-import shutil
+import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +24,7 @@ from sentiment.checkpoint import write_json
 from sentiment.config import Config, refuse_conflicts
 from sentiment.errors import CheckpointError, ConfigError
 
-MARKER = ".sentiment-run.json"
+MARKER = ckpt.RUN_MARKER  # .sentiment-run.json
 LOCK = ".sentiment-run.lock"
 OURS = (MARKER, LOCK)  # with their temp files (".<name>.tmp"): what an empty folder may already hold
 RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "report.md", ckpt.CHECKPOINT_DIR, "model",
@@ -34,7 +34,8 @@ RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "report.md", ckpt.C
 @dataclass(frozen=True)
 class RunFolder:
     path: Path
-    state: str  # absent | empty | foreign (not ours) | new (ours, nothing written yet) | started | finished
+    state: str  # absent | empty | foreign (not ours) | damaged (a marker we cannot read) | new (ours, nothing
+    #             written yet) | started | finished
     run_id: str = ""  # from the marker; "" unless ours
     command: str = "train"  # from the marker: the command whose run it holds (train or pretrain)
     others: tuple[str, ...] = ()  # foreign: a few of the names in it, for the error message
@@ -56,6 +57,8 @@ def inspect(path: Path) -> RunFolder:
         run_id, command = marker["run_id"], marker.get("command", "train")  # markers of before: train's
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         others = tuple(n for n in names if not _is_ours(n))
+        if os.path.lexists(path / MARKER) and others:  # we wrote a marker here, which no longer reads
+            return RunFolder(path, "damaged", others=others[:5])
         return RunFolder(path, "foreign", others=others[:5]) if others else RunFolder(path, "empty")
     if (path / "results.json").is_file():
         return RunFolder(path, "finished", run_id, command)
@@ -68,6 +71,45 @@ def refuse_foreign(folder: RunFolder) -> None:
             f"output_dir {folder.path} already holds files that sentiment did not write ({', '.join(folder.others)}"
             f"{', ...' if len(folder.others) == 5 else ''}) and no {MARKER} run marker; nothing there is "
             "touched: pass a new or empty --output_dir")
+    if folder.state == "damaged":
+        newest = ckpt.checkpoint_paths(folder.path / ckpt.CHECKPOINT_DIR)
+        hint = (f"to continue its run, start a new folder from its newest checkpoint: --resume {newest[0]} "
+                "--output_dir NEW_FOLDER" if newest else "it has no checkpoint to continue: pass a new --output_dir")
+        raise ConfigError(f"output_dir {folder.path} has a damaged run marker {MARKER} (empty or not JSON), so "
+                          f"whose files these are cannot be told; nothing there is touched: {hint}")
+
+
+def is_run_file(name: str) -> bool:
+    """A name a run writes in its folder (RUN_FILES), or the temp name of one (.model.tmp, .config.json.tmp)."""
+    return name in RUN_FILES or (name.startswith(".") and name[1:].rpartition(".")[0] in RUN_FILES)
+
+
+def refuse_nesting(out: Path) -> None:
+    """Run folders never nest: output_dir may not lie inside the run files (model/, plots/, checkpoints/, ...) of a
+    marked run above it, which that run replaces or deletes; nor may another run lie inside output_dir's own run
+    files, which this run would (git likewise refuses a repository inside another's .git)."""
+    resolved = out.resolve()
+    for parent in resolved.parents:
+        name = resolved.relative_to(parent).parts[0]
+        if os.path.lexists(parent / MARKER) and is_run_file(name):
+            raise ConfigError(f"output_dir {out} lies inside {name}/ of the run in {parent}, which that run replaces "
+                              f"or deletes; pass an --output_dir outside its run files (e.g. beside {parent})")
+    for entry in (sorted(out.iterdir()) if out.is_dir() else ()):
+        if is_run_file(entry.name) and entry.is_dir() and not entry.is_symlink():
+            inner = next((root for root, _, files in os.walk(entry) if MARKER in files), None)
+            if inner:
+                raise ConfigError(f"output_dir {out} holds another run inside its run files ({inner}), which this "
+                                  "run would delete or replace; move that run out first, or pass another --output_dir")
+
+
+def refuse_links(folder: RunFolder) -> None:
+    """A run writes and replaces its own files, never through a link (a save over model/ would otherwise fill, or
+    delete, whatever the link points to): a symlinked run file is refused before any work."""
+    link = next((folder.path / n for n in RUN_FILES if (folder.path / n).is_symlink()), None)
+    if link:
+        raise ConfigError(f"{link} is a symbolic link (to {os.readlink(link)}); a run writes its files itself and "
+                          "never through a link: put what it points to in its place (rm the link, then mv), or pass "
+                          "--overwrite true to start again (that removes the link, never its target)")
 
 
 def _inside(child: Path, parent: Path) -> bool:
@@ -123,13 +165,10 @@ def start_writing(folder: RunFolder, run_id: str, resumed_at: int | None, config
 
 
 def clear_run(path: Path) -> None:
-    """Remove a previous run's files from a folder we marked (never anything else in it)."""
+    """Remove a previous run's files from a folder we marked (never anything else in it; a link is unlinked,
+    never followed)."""
     for name in RUN_FILES:
-        p = path / name
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        elif p.exists() or p.is_symlink():
-            p.unlink()
+        ckpt.remove(path / name)
 
 
 class RunLock:
@@ -159,11 +198,12 @@ class RunLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
                 if e.errno in (errno.EAGAIN, errno.EACCES):
-                    raise ConfigError(f"output_dir {self.path} is in use by another run (PID {holder}); wait for it "
-                                      "to finish, stop it, or pass another --output_dir") from None
+                    raise ConfigError(f"output_dir {self.path} is in use by another run (PID "
+                                      f"{holder.replace('@', ' on host ')}); wait for it to finish, stop it, or pass "
+                                      "another --output_dir") from None
                 raise
             try:
                 same = os.fstat(fd).st_ino == os.stat(lock).st_ino
@@ -172,11 +212,11 @@ class RunLock:
             if same:
                 break
             os.close(fd)
-        previous = os.pread(fd, 64, 0).decode(errors="replace").strip()
-        if previous:  # a clean exit removes the file: this holder was killed
-            self.say(f"run folder: taking over the lock left by PID {previous}, which is no longer running")
+        previous = os.pread(fd, 256, 0).decode(errors="replace").strip()
+        if previous:  # a clean exit removes the file: this holder was killed, here or on another machine
+            self.say(f"run folder: taking over the lock left by {left_by(previous)}")
         os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        os.pwrite(fd, f"{os.getpid()}@{socket.gethostname()}".encode(), 0)
         self.fd = fd
 
     def __exit__(self, *exc) -> None:
@@ -195,12 +235,36 @@ class RunLock:
                 pass
 
 
+def left_by(holder: str) -> str:
+    """Who left a lock file ("PID@host", or "PID" from versions before hosts were recorded), and what can be
+    known of it from here: flock tells only of this machine's processes (and of a file system's own locks)."""
+    pid, _, host = holder.partition("@")
+    if host == socket.gethostname():
+        return f"PID {pid} of this machine, which no longer holds it (killed, or ended without cleaning up)"
+    if not host:
+        return (f"PID {pid} (its machine was not recorded); no process holds the lock now as far as this file system "
+                "tells")
+    return (f"PID {pid} on host {host}, which this machine cannot see; no process holds the lock now as far as this "
+            f"file system tells (one shared between machines may not pass locks on: make sure that run has stopped)")
+
+
 def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path} is missing or unreadable ({type(e).__name__}); the run in {path.parent} "
                               "is left as it is: pass another --output_dir") from None
+
+
+# Paths a resume may change when the checkpoint's fingerprint (checkpoint.fingerprint) proves what they hold is the
+# same: a data or model folder moved (a cluster's scratch path renamed) is still the same run.
+MOVABLE = {"data_dir": "training data", "train_file": "training data", "dataset": "training data",
+           "model_name_or_path": "model"}
+
+
+def moved_is_fine(resume: ckpt.Resume) -> frozenset[str]:
+    """The fields of MOVABLE that `resume`'s fingerprint checks by content (none in checkpoints before it did)."""
+    return frozenset(field for field, key in MOVABLE.items() if key in (resume.fingerprint or {}))
 
 
 def plan_start(cfg: Config, folder: RunFolder, say, command: str = "train") -> tuple[ckpt.Resume | None, dict | None]:
@@ -218,16 +282,19 @@ def plan_start(cfg: Config, folder: RunFolder, say, command: str = "train") -> t
         refuse_conflicts(read_json(folder.path / "config.json"), cfg, f"the finished run in {folder.path}")
         say(f"resume: the run in {folder.path} is finished; its results stay in {folder.path / 'results.json'}")
         return None, read_json(folder.path / "results.json")
-    resume = ckpt.find_resume(cfg.resume, folder.path, say) if cfg.resume and folder.state != "finished" else None
+    resume = (ckpt.find_resume(cfg.resume, folder.path, say, fresh_if_unreadable=cfg.overwrite)
+              if cfg.resume and folder.state != "finished" else None)
     if resume and resume.command != command:
         raise ConfigError(f"checkpoint {resume.path} was written by `sentiment {resume.command}`, not `sentiment "
                           f"{command}`; pass a {command} run's checkpoint, or none for a new run")
     if resume:
         check_same_run(resume, folder)
-        refuse_conflicts(resume.config, cfg, f"from {resume.path}")
+        refuse_conflicts(resume.config, cfg, f"from {resume.path}", moved_is_fine(resume))
     elif cfg.resume == "auto":  # what a requeued job passes every time: continue if there is anything to continue
         say(f"resume auto: no checkpoint in {folder.path}, starting a fresh run")
     elif folder.state == "started" and not cfg.overwrite:
         raise ConfigError(f"output_dir {folder.path} holds an unfinished run; pass --resume auto to continue it, or "
                           "another --output_dir (--overwrite true would delete it and start again)")
+    if not (cfg.overwrite and folder.state in ("started", "finished")):  # else: clear_run unlinks them
+        refuse_links(folder)
     return resume, None

@@ -174,6 +174,20 @@ def format_step(row: dict, total_steps: int) -> str:
     return line + (" | SKIPPED (non-finite)" if row["skipped"] else "")
 
 
+def steps_so_far(metrics: Path) -> tuple[int, float]:
+    """(samples, seconds) of the optimizer steps in a run's metrics.jsonl (0, 0.0 for a new run); a line cut by a
+    kill is skipped. A resumed run's file holds only the steps up to its checkpoint (truncate_metrics)."""
+    samples, seconds = 0, 0.0
+    for line in (metrics.read_text().splitlines() if metrics.is_file() else ()):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "split" not in row and "step_ms" in row:
+            samples, seconds = samples + row["samples"], seconds + row["step_ms"] / 1e3
+    return samples, seconds
+
+
 class RunLog:
     """One object for everything the loop reports: rows to metrics.jsonl (every step and evaluation) and
     TensorBoard on rank 0, the fixed-format line every `log_every` steps, the progress bar, and the training
@@ -191,6 +205,8 @@ class RunLog:
         main = self.engine.is_main
         self.bar = tqdm(total=self.total_steps, initial=self.start_step, desc="train", disable=(not main) or None,
                         dynamic_ncols=True)
+        if main:  # a resumed run's speed is the whole run's: its earlier steps' rows count too
+            self.train_samples, self.train_seconds = steps_so_far(self.out / "metrics.jsonl")
         self.file = AppendFile(self.out / "metrics.jsonl") if main else None
         if main and self.cfg.report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
@@ -266,5 +282,5 @@ class RunLog:
 
     @property
     def samples_per_second(self) -> float | None:
-        """Training throughput over the steps this process ran; None if it ran none (resumed after the last)."""
+        """Training throughput over the run's steps, a resumed run's earlier ones included; None if none ran."""
         return self.train_samples / self.train_seconds if self.train_seconds else None

@@ -36,6 +36,8 @@ from sentiment.report import misclassified, write_report
 from sentiment.runlog import (RunLog, StepClock, TimedBatches, check_report_to, console, environment, git_commit,
                               quiet_libraries)
 
+SETUP_STOP = ("before training started (reading, tokenizing, loading, probing): no step to checkpoint yet; stopping "
+              "now. To start again, run the same command plus --resume auto")
 FINAL_EVAL_STOP = ("during the final evaluation: training is finished and checkpointed; stopping now. Run the "
                    "same command with --resume auto to evaluate and save the model")
 
@@ -50,16 +52,19 @@ def in_run_folder(cfg: Config, run: Callable[[Config, Engine], dict]) -> dict:
     """`run(cfg, engine)` (train's or pretrain's) with the engine set up, and closed after, and the output folder
     checked (ours or new, apart from the inputs) and locked by rank 0 for the run's length."""
     console("stdout", replace=False)  # the CLI chose already; from Python: print unless logging is configured
-    engine = setup_engine(cfg.device, cfg.precision, cfg.seed, cfg.keep_freed_memory)
-    quiet_libraries(engine.is_main)
-    try:
-        out = Path(cfg.output_dir)
-        rundir.refuse_overlaps(cfg)
-        rundir.refuse_foreign(rundir.inspect(out))  # before the lock: creating it would write into the folder
-        with rundir.RunLock(out, engine.print) if engine.is_main else contextlib.nullcontext():
-            return run(cfg, engine)
-    finally:
-        engine.close()
+    with StopRequest(immediate=SETUP_STOP) as stop:  # a signal before the loop (which has its own) stops at once
+        engine = setup_engine(cfg.device, cfg.precision, cfg.seed, cfg.keep_freed_memory)
+        stop.say = engine.print  # rank 0 says it
+        quiet_libraries(engine.is_main)
+        try:
+            out = Path(cfg.output_dir)
+            rundir.refuse_overlaps(cfg)
+            rundir.refuse_nesting(out)
+            rundir.refuse_foreign(rundir.inspect(out))  # before the lock: creating it would write into the folder
+            with rundir.RunLock(out, engine.print) if engine.is_main else contextlib.nullcontext():
+                return run(cfg, engine)
+        finally:
+            engine.close()
 
 
 def run(cfg: Config, engine: Engine) -> dict:
@@ -77,7 +82,7 @@ def run(cfg: Config, engine: Engine) -> dict:
 
     with engine.main_process_first():  # rank 0 tokenizes and fills the cache; the others read it
         splits = load_splits(cfg, tokenizer)
-    fingerprint = ckpt.fingerprint(tokenizer, splits.train, splits.val)
+    fingerprint = ckpt.fingerprint(tokenizer, splits.train, splits.val, model_config)
     if resume:
         ckpt.check_fingerprint(resume, fingerprint, engine.print)
     global_batch = plan.global_batch  # samples per optimizer step, however split

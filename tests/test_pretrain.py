@@ -259,3 +259,15 @@ def test_bad_inputs_are_one_error_line(tiny_dirs, tmp_path, capsys, content, exp
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
     assert not (tmp_path / "run").exists()
 
+
+
+def test_texts_of_one_or_two_tokens_and_a_high_mask_rate_train(mlm_config, tmp_path):
+    """Odd inputs found in issue 19's sweep: 1-2 token texts with nearly every token masked still give finite
+    losses and a saved model; mlm_probability 1 (nothing left to read) is refused in one line."""
+    texts = write(tmp_path / "short.txt", "great\nbad film\nthe\nloved it\n" * 4)
+    results = pretrain(mlm_config(train_file=texts, mlm_probability=0.99, mlm_val_fraction=0.25, epochs=2,
+                                  micro_batch_size=4))
+    rows = read_metrics(Path(results["model_dir"]).parent)[0]
+    assert rows and all(np.isfinite(r["loss"]) for r in rows)
+    with pytest.raises(ConfigError, match=r"mlm_probability=1.0 must be in \(0, 1\)"):
+        mlm_config(mlm_probability=1.0)

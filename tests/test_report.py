@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import read_metrics
 
-from sentiment import cli
+from sentiment import cli, rundir
 from sentiment import figures as figures_module
 from sentiment import report as report_module
 from sentiment.config import Config
@@ -46,6 +46,7 @@ def run_without_val(tiny_dirs, tmp_path_factory):
 
 
 def copy_run(run: Path, dest: Path, names=("metrics.jsonl", "results.json", "config.json", "report.md")) -> Path:
+    names = (rundir.MARKER, *names)  # a run folder: plot writes into no other
     dest.mkdir()
     for name in names:
         shutil.copy(run / name, dest / name)
@@ -103,6 +104,9 @@ def test_report_and_plot_without_matplotlib(finished_run, tmp_path, monkeypatch)
 
 
 def test_plot_of_a_folder_without_metrics_fails_clearly(tmp_path, capsys):
+    assert cli.main(["plot", str(tmp_path)]) == 2
+    assert "is not a run folder" in capsys.readouterr().err
+    rundir.mark(tmp_path, "abc", "train")
     assert cli.main(["plot", str(tmp_path)]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
 

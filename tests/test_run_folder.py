@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -151,7 +152,7 @@ def test_resume_refuses_changed_training_data(tiny_copy, tmp_path, capsys):
     original = (data_dir / "train.jsonl").read_bytes()
     write_jsonl(data_dir / "train.jsonl", rows)
     before = snapshot(out)
-    with pytest.raises(CheckpointError, match=r"the training data differ from what its run used"):
+    with pytest.raises(CheckpointError, match=r"the training data differs from what its run used"):
         train(Config(**{**values, "resume": "auto"}))
     assert snapshot(out) == before
     (data_dir / "train.jsonl").write_bytes(original)  # put back: the resume goes on
@@ -190,28 +191,34 @@ def test_a_second_run_on_the_same_folder_fails_at_once_naming_the_first(tiny_dir
             time.sleep(0.01)
         started = time.monotonic()
         err = refused(cli(*tiny_dirs, out, "--resume", "auto"), capsys)
-        assert f"is in use by another run (PID {first.pid})" in err
+        assert f"is in use by another run (PID {first.pid} on host {socket.gethostname()})" in err
         assert time.monotonic() - started < 10  # at once: before loading the model or the data
         err = refused(cli(*tiny_dirs, out, "--overwrite", "true"), capsys)
-        assert f"(PID {first.pid})" in err
+        assert f"(PID {first.pid} on host" in err
     finally:
         first.terminate()
         first.wait(timeout=60)
 
 
-def test_a_lock_left_by_a_dead_process_is_taken_over(tiny_dirs, tmp_path, capsys):
+@pytest.mark.parametrize("holder, said", [
+    ("4194999@{here}", "PID 4194999 of this machine, which no longer holds it"),
+    ("4194999@otherhost", "PID 4194999 on host otherhost, which this machine cannot see; no process holds the lock "
+                          "now as far as this file system tells"),
+    ("4194999", "PID 4194999 (its machine was not recorded)")], ids=["this_host", "other_host", "older_version"])
+def test_a_lock_left_by_a_dead_process_is_taken_over(holder, said, tiny_dirs, tmp_path, capsys):
+    """Only this machine's processes can be known to be gone: another host's PID is never called "not running"."""
     out = tmp_path / "run"
-    write(out / rundir.LOCK, "4194999")  # a killed run's lock file: no process holds the lock any more
+    write(out / rundir.LOCK, holder.format(here=socket.gethostname()))  # no process holds the lock any more
     assert main(cli(*tiny_dirs, out)) == 0
-    assert "taking over the lock left by PID 4194999, which is no longer running" in capsys.readouterr().out
+    assert f"taking over the lock left by {said}" in capsys.readouterr().out
     assert not (out / rundir.LOCK).exists()  # a clean exit leaves no lock file
 
 
 def test_run_lock_unit(tmp_path):
     folder = tmp_path / "new"
     with rundir.RunLock(folder, say=print):
-        assert (folder / rundir.LOCK).read_text() == str(os.getpid())
-        with pytest.raises(ConfigError, match=rf"in use by another run \(PID {os.getpid()}\)"):
+        assert (folder / rundir.LOCK).read_text() == f"{os.getpid()}@{socket.gethostname()}"
+        with pytest.raises(ConfigError, match=rf"in use by another run \(PID {os.getpid()} on host "):
             with rundir.RunLock(folder, say=print):
                 pass
     assert not folder.exists()  # created by the lock and left empty: removed again
@@ -229,15 +236,15 @@ def test_inspect_names_every_state(tmp_path):
     assert rundir.inspect(tmp_path / "foreign").state == "foreign"
     write(tmp_path / "bad_marker" / rundir.MARKER, "{not json")
     write(tmp_path / "bad_marker" / "model" / "x.bin", "x")
-    assert rundir.inspect(tmp_path / "bad_marker").state == "foreign"
+    assert rundir.inspect(tmp_path / "bad_marker").state == "damaged"  # ours once; refused with a way forward
     (tmp_path / "ours").mkdir()
     rundir.mark(tmp_path / "ours", "abc", "pretrain")
     assert rundir.inspect(tmp_path / "ours") == rundir.RunFolder(tmp_path / "ours", "new", "abc", "pretrain")
     write(tmp_path / "older" / rundir.MARKER, '{"run_id": "def", "program": "sentiment"}')  # before markers named it
     assert rundir.inspect(tmp_path / "older").command == "train"
-    write(tmp_path / "odd" / rundir.MARKER, '["run_id"]')  # valid JSON, not ours: foreign, not a crash
+    write(tmp_path / "odd" / rundir.MARKER, '["run_id"]')  # valid JSON, not a marker: damaged, not a crash
     write(tmp_path / "odd" / "a.txt", "x")
-    assert rundir.inspect(tmp_path / "odd").state == "foreign"
+    assert rundir.inspect(tmp_path / "odd").state == "damaged"
     write(tmp_path / "ours" / "metrics.jsonl", "")
     assert rundir.inspect(tmp_path / "ours").state == "started"
     write(tmp_path / "ours" / "results.json", "{}")
