@@ -21,11 +21,11 @@ from sentiment.runlog import LOG, console
 
 # The Config fields each command reads (train reads them all); a command lists no flag it ignores, and
 # adding a field to a command is adding its name here.
-EVALUATE_FIELDS = ("model_name_or_path", "dataset", "test_file", "data_dir", "n_test", "max_length", "truncation",
-                   "padding", "eval_batch_size", "device", "precision", "compile", "seed", "keep_freed_memory",
-                   "overwrite")
-PREDICT_FIELDS = ("model_name_or_path", "max_length", "truncation", "padding", "eval_batch_size", "device",
-                  "precision", "compile", "keep_freed_memory", "overwrite")
+EVALUATE_FIELDS = ("model_name_or_path", "attn_implementation", "dataset", "test_file", "data_dir", "n_test",
+                   "max_length", "truncation", "padding", "eval_batch_size", "device", "precision", "compile", "seed",
+                   "keep_freed_memory", "overwrite")
+PREDICT_FIELDS = ("model_name_or_path", "attn_implementation", "max_length", "truncation", "padding",
+                  "eval_batch_size", "device", "precision", "compile", "keep_freed_memory", "overwrite")
 TRAIN_ONLY = ("test_file", "n_train", "n_test", "val_fraction", "layer_lr_decay", "early_stopping_patience")
 PRETRAIN_ONLY = ("mlm_probability", "whole_word_masking", "mlm_val_fraction")
 COMMAND_FIELDS = {"train": tuple(f.name for f in fields(Config) if f.name not in PRETRAIN_ONLY),

@@ -74,6 +74,17 @@ class Engine:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     @property
+    def flash_attention_unusable(self) -> str:
+        """Why FlashAttention-2 cannot run here, or "" where it can: CUDA, an Ampere+ GPU, bf16/fp16, flash_attn."""
+        from transformers.utils import is_flash_attn_2_available
+
+        if self.device.type != "cuda" or self.amp_dtype is None:
+            return "it runs on CUDA in bf16/fp16 only"
+        if torch.cuda.get_device_capability(self.device)[0] < 8:
+            return "this GPU predates Ampere (sm80)"
+        return "" if is_flash_attn_2_available() else "the flash_attn package is not installed"
+
+    @property
     def pin_memory(self) -> bool:
         return self.device.type == "cuda"
 
@@ -130,8 +141,7 @@ class Engine:
         return loss * self.world_size if self.distributed else loss
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.distributed:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM) if self.distributed else None
         return tensor
 
     def all_gather_objects(self, obj: object) -> list:
@@ -162,8 +172,7 @@ class Engine:
             self.barrier()
 
     def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
+        dist.barrier() if self.distributed else None
 
     out_of_memory = torch.OutOfMemoryError  # what an allocation past the device's memory raises (not a field)
 
@@ -242,11 +251,7 @@ def cpu_has_native_bf16() -> bool:
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = f.read()
-        except OSError:
-            return False
+        flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
         return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
