@@ -76,7 +76,8 @@ def tiny_model_config(family: str, vocab_size: int, pad_id: int, dropout: float 
         "distilbert": lambda: DistilBertConfig(vocab_size=vocab_size, dim=HIDDEN, n_layers=LAYERS, n_heads=HEADS,
                                                hidden_dim=2 * HIDDEN, dropout=dropout, attention_dropout=dropout,
                                                max_position_embeddings=POSITIONS, pad_token_id=pad_id),
-        "modernbert": lambda: ModernBertConfig(vocab_size=vocab_size, bos_token_id=2, eos_token_id=3, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+        "modernbert": lambda: ModernBertConfig(vocab_size=vocab_size, bos_token_id=2, eos_token_id=3,
+                                               hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                                                num_attention_heads=HEADS, intermediate_size=2 * HIDDEN,
                                                max_position_embeddings=POSITIONS, pad_token_id=pad_id,
                                                cls_token_id=2, sep_token_id=3, global_attn_every_n_layers=2,
@@ -88,7 +89,6 @@ def tiny_model_config(family: str, vocab_size: int, pad_id: int, dropout: float 
 
 TOKENIZERS = {"roberta": bpe_tokenizer, "xlm-roberta": bpe_tokenizer, "mpnet": bpe_tokenizer,
               "albert": unigram_tokenizer, "deberta-v2": unigram_tokenizer}
-FAMILIES = ("bert", "roberta", "xlm-roberta", "deberta-v2", "electra", "distilbert", "albert", "modernbert", "mpnet")
 
 
 def write_family(family: str, folder: Path, seed: int = 0) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import metrics_rows, read_metrics, saved_weights
-from families import FAMILIES, POSITIONS, tiny_model_config, write_family
+from families import POSITIONS, tiny_model_config, write_family
 
 from sentiment.cli import main
 from sentiment.commands import evaluate_model, predict
