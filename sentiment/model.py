@@ -10,7 +10,7 @@ import torch
 
 from sentiment.data import LABEL_NAMES
 from sentiment.errors import ConfigError, ModelError
-from sentiment.families import Family, classifier_class, family_of, submodule
+from sentiment.families import FAMILIES, Family, classifier_class, family_of, submodule
 
 # any one of these holds a vocabulary (WordPiece, SentencePiece, BPE); tokenizer_config.json alone does not
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "spiece.model", "vocab.json",
@@ -167,7 +167,8 @@ def check_max_length(max_length: int, config) -> None:
     refused, never silently cut."""
     limit, why = family_of(config).positions(config)
     if limit is not None and max_length > limit:
-        raise ConfigError(f"max_length={max_length} exceeds the {limit} tokens {config.model_type} takes ({why}); "
+        why = f" ({why})" if limit != getattr(config, "max_position_embeddings", limit) else ""  # RoBERTa's offset
+        raise ConfigError(f"max_length={max_length} exceeds the model's {limit} positions{why}; "
                           f"use --max_length {limit} or less")
 
 
@@ -234,7 +235,8 @@ def layer_scales(model: torch.nn.Module, decay: float) -> list[tuple[str, float,
     encoder layers, the embeddings are layer 0 (scale decay^L), encoder layer l is decay^(L-l), and the head
     (everything above the encoder: pooler, classifier, a final norm) is at the peak, 1. Where the layers and
     embeddings are is the family's (families.py: `encoder.layer`, DistilBERT's `transformer.layer`...)."""
-    base, family = getattr(model, "base_model", None), family_of(model.config)
+    config = getattr(model, "config", None)  # none: not a transformers model, read as BERT-shaped (and refused)
+    base, family = getattr(model, "base_model", None), family_of(config) if config else FAMILIES["bert"]
     layers = submodule(base, family.layers)
     bottom = [m for m in (submodule(base, path) for path in family.embeddings) if m is not None]
     if not bottom or not isinstance(layers, torch.nn.ModuleList):
