@@ -12,9 +12,10 @@ from sentiment.data import LABEL_NAMES
 from sentiment.errors import ConfigError, ModelError
 from sentiment.families import FAMILIES, Family, classifier_class, family_of, submodule
 
-# any one of these holds a vocabulary (WordPiece, SentencePiece, BPE); tokenizer_config.json alone does not
+# any one of these holds a vocabulary (WordPiece, SentencePiece, BPE); tokenizer_config.json alone does not.
+# spm.model is DeBERTa-v3's (microsoft/deberta-v3-base ships no tokenizer.json)
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "spiece.model", "vocab.json",
-                   "sentencepiece.bpe.model")
+                   "sentencepiece.bpe.model", "spm.model")
 
 
 def _load_error(name: str, what: str, e: Exception) -> ModelError:

@@ -168,3 +168,33 @@ def test_a_load_error_keeps_the_library_reason(tmp_path, data):
                                          "check that it holds config.json"):
         train(settings(folder, data, tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_deberta_v3_folder_with_only_spm_model_is_not_refused_as_tokenizer_less(tmp_path):
+    """microsoft/deberta-v3-base ships spm.model and no tokenizer.json: our check lets the library try it, and a
+    broken one is the library's reason on our one line, not "has no tokenizer files"."""
+    from sentiment.model import load_tokenizer
+
+    (tmp_path / "config.json").write_text(json.dumps(tiny_model_config("deberta-v2", 40, 0).to_dict()))
+    (tmp_path / "spm.model").write_bytes(b"not a sentencepiece model")
+    with pytest.raises(ModelError, match=r"could not load the tokenizer .* \(\w+: .+\); check that it holds"):
+        load_tokenizer(str(tmp_path))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", ["bert", "deberta-v2"])
+def test_on_cuda_in_bf16_auto_takes_flash_attention_where_it_can_and_the_model_runs_on_it(family, data, tmp_path,
+                                                                                         capsys):
+    from transformers.utils import is_flash_attn_2_available
+
+    from sentiment.engine import setup_engine
+
+    engine = setup_engine("cuda", "bf16")
+    flash = is_flash_attn_2_available() and torch.cuda.get_device_capability()[0] >= 8
+    assert (engine.flash_attention_unusable == "") == flash
+    expected = {"deberta-v2": "eager"}.get(family, "flash_attention_2" if flash else "sdpa")
+    model = write_family(family, tmp_path)
+    results = train(settings(model, data, tmp_path / "run", device="cuda", precision="bf16", max_steps=4,
+                             save_every=0))
+    assert results["steps"] == 4 and f"attention={expected} (auto: " in capsys.readouterr().out
