@@ -83,7 +83,7 @@ class Config:
 
     # pretraining
     mlm_probability: float = 0.15  # share of non-special tokens to predict per text (80% [MASK], 10% random, 10% kept)
-    whole_word_masking: bool = False  # mask a WordPiece word (a token and its ## pieces) whole, or not at all
+    whole_word_masking: bool = False  # mask a word (all its pieces: WordPiece ##, SentencePiece ▁, BPE Ġ marks) whole, or not at all
     mlm_val_fraction: float = 0.02  # share of the texts held out for MLM loss and accuracy at each evaluation; 0 = off
 
     def __post_init__(self) -> None:

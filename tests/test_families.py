@@ -198,3 +198,28 @@ def test_on_cuda_in_bf16_auto_takes_flash_attention_where_it_can_and_the_model_r
     results = train(settings(model, data, tmp_path / "run", device="cuda", precision="bf16", max_steps=4,
                              save_every=0))
     assert results["steps"] == 4 and f"attention={expected} (auto: " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "bpe", "unigram"])
+def test_whole_words_are_found_by_each_kind_of_tokenizer(kind):
+    """Words the vocabulary lacks split into pieces; grouping each piece with the word it continues gives the
+    words back, whichever mark the tokenizer uses (## on later pieces, ▁ or Ġ on first ones)."""
+    from families import bpe_tokenizer, unigram_tokenizer
+    from transformers import BertTokenizerFast
+
+    from sentiment.mlm_data import continuation_pieces
+    from sentiment.tiny import VOCAB
+
+    wordpiece = lambda: BertTokenizerFast(vocab={w: i for i, w in enumerate(VOCAB + ["##ic", "##ish"])})  # noqa: E731
+    tokenizer = {"wordpiece": wordpiece, "bpe": bpe_tokenizer, "unigram": unigram_tokenizer}[kind]()
+    continuation = continuation_pieces(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+    words = ["the", "filmic", "plot", "was", "dullish"]
+    ids = tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(words)  # some words are in pieces
+    groups: list[list[int]] = []
+    for i in ids:
+        if continuation[i] and groups:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    assert [tokenizer.decode(g).replace(" ##", "").replace("##", "").strip() for g in groups] == words
