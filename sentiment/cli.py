@@ -22,11 +22,11 @@ from sentiment.runlog import LOG, console
 
 # The Config fields each command reads (train reads them all); a command lists no flag it ignores, and
 # adding a field to a command is adding its name here.
-EVALUATE_FIELDS = ("model_name_or_path", "dataset", "test_file", "data_dir", "n_test", "max_length", "truncation",
-                   "padding", "eval_batch_size", "device", "precision", "compile", "seed", "keep_freed_memory",
-                   "overwrite")
-PREDICT_FIELDS = ("model_name_or_path", "max_length", "truncation", "padding", "eval_batch_size", "device",
-                  "precision", "compile", "keep_freed_memory", "overwrite")
+EVALUATE_FIELDS = ("model_name_or_path", "attn_implementation", "dataset", "test_file", "data_dir", "n_test",
+                   "max_length", "truncation", "padding", "eval_batch_size", "device", "precision", "compile", "seed",
+                   "keep_freed_memory", "overwrite")
+PREDICT_FIELDS = ("model_name_or_path", "attn_implementation", "max_length", "truncation", "padding",
+                  "eval_batch_size", "device", "precision", "compile", "keep_freed_memory", "overwrite")
 TRAIN_ONLY = ("test_file", "n_train", "n_test", "val_fraction", "layer_lr_decay", "early_stopping_patience")
 PRETRAIN_ONLY = ("mlm_probability", "whole_word_masking", "mlm_val_fraction")
 COMMAND_FIELDS = {"train": tuple(f.name for f in fields(Config) if f.name not in PRETRAIN_ONLY),
@@ -134,6 +134,14 @@ step in each precision the device runs, against fp32 on the CPU, and a 2-process
 examples:
   sentiment doctor                                 # what --device auto --precision auto would use
   sentiment doctor --device cuda --precision bf16 --json   # one JSON object, for scripts""",
+}
+SUMMARY = {  # one line each, for `sentiment --help`
+    "train": "fine-tune a classifier (BERT, RoBERTa, DeBERTa, ...) on IMDb or your reviews",
+    "pretrain": "further pre-train the encoder with masked-LM on unlabeled text",
+    "evaluate": "measure a trained model on test reviews (metrics as JSON)",
+    "predict": "classify reviews with a trained model",
+    "plot": "draw a run's figures into RUN/plots/",
+    "doctor": "check this machine (versions, GPUs, precisions) before a long job",
 }
 EPILOG = """\
 README.md (section Config) has every flag in one table, with the presets.
@@ -277,8 +285,20 @@ def parse(argv: list[str]) -> tuple[str, argparse.Namespace, Config | None]:
     return command, args, build_config(getattr(args, "preset", ""), getattr(args, "config", ""), overrides)
 
 
+def overview() -> str:
+    """What `sentiment` alone and `sentiment --help` print: the commands, each with its first line of help."""
+    width = max(len(c) for c in COMMANDS)
+    lines = [f"  {c:<{width}}  {SUMMARY[c]}" for c in COMMANDS]
+    return "\n".join(["usage: sentiment COMMAND [--FLAG VALUE ...]", "", "commands:", *lines, "",
+                      "`sentiment COMMAND --help` lists a command's flags, with examples. "
+                      "README.md (section Config) has every flag in one table."])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):  # never a default training run the user did not ask for
+        print(overview())
+        return 0
     try:
         command, args, cfg = parse(argv)
         console("stdout" if command in ("train", "pretrain") else "stderr")  # predict, evaluate: only results on stdout

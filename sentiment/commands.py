@@ -24,7 +24,7 @@ from sentiment.data import LABEL_NAMES, collator, read_file, read_split, take, t
 from sentiment.engine import Engine, setup_engine
 from sentiment.errors import ConfigError, DataError, ModelError
 from sentiment.evaluate import evaluate, predict_probs
-from sentiment.model import load_checked, load_model
+from sentiment.model import load_checked, load_model, use_family
 from sentiment.rows import is_blank
 from sentiment.runlog import LOG, console, quiet_libraries
 
@@ -64,6 +64,7 @@ def load_for_inference(cfg: Config, engine: Engine):
     name = model_folder(cfg.model_name_or_path)
     cfg = with_recorded_settings(cfg, name)
     tokenizer, config = load_checked(name, cfg.max_length)
+    engine.print(use_family(config, cfg.attn_implementation, engine.flash_attention_unusable))
     model = engine.wrap(load_model(name, config=config, trained_head=True), compile=cfg.compile, inference=True)
     return cfg, model, tokenizer, collator(cfg, tokenizer.pad_token_id)
 

@@ -19,6 +19,8 @@ TRUNCATIONS = ("head", "tail", "head_tail")
 PADDINGS = ("dynamic", "max_length")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 REPORT_TO = ("none", "tensorboard")
+ATTENTIONS = ("auto", "sdpa", "eager", "flash_attention_2")  # transformers' names for its attention kernels
+AUTO = {"micro_batch_size": 0}  # fields that take the word `auto` for a number, and that number
 SEED_MAX = 2**32 - 1  # numpy's seed range (np.random.seed, default_rng): a larger seed is a traceback
 DATASET_ALIASES = {"imdb": "stanfordnlp/imdb"}  # the tutorial's bare id; the hub now wants namespace/name
 
@@ -43,6 +45,7 @@ class Config:
     model_name_or_path: str = "bert-base-uncased"  # hub name or a local folder (config, weights, tokenizer)
     dropout: float = -1.0  # hidden and attention dropout; -1 = the model's own (0.1 for BERT)
     gradient_checkpointing: bool = False  # recompute activations in backward: ~30% slower, far less memory
+    attn_implementation: str = "auto"  # auto (flash_attention_2 on CUDA where installed and the model has it, else sdpa where it has it, else eager; printed) | sdpa | eager | flash_attention_2
 
     # optimization
     epochs: int = 3  # passes over the training set
@@ -80,12 +83,15 @@ class Config:
 
     # pretraining
     mlm_probability: float = 0.15  # share of non-special tokens to predict per text (80% [MASK], 10% random, 10% kept)
-    whole_word_masking: bool = False  # mask a WordPiece word (a token and its ## pieces) whole, or not at all
+    whole_word_masking: bool = False  # mask a word (all its pieces: WordPiece ##, SentencePiece ▁, BPE Ġ marks) whole, or not at all
     mlm_val_fraction: float = 0.02  # share of the texts held out for MLM loss and accuracy at each evaluation; 0 = off
 
     def __post_init__(self) -> None:
         for name, kind in field_types().items():
-            value = _typed(name, kind, getattr(self, name))
+            value = getattr(self, name)
+            if name in AUTO and isinstance(value, str) and value.strip().lower() == "auto":
+                value = AUTO[name]  # Config(micro_batch_size="auto") as the command line's `auto`
+            value = _typed(name, kind, value)
             object.__setattr__(self, name, value)  # frozen: the one sanctioned write, int -> float
             if kind is float and not math.isfinite(value):
                 raise ConfigError(f"{name}={value} must be a finite number")
@@ -120,7 +126,8 @@ class Config:
         if not (self.dropout == -1.0 or 0.0 <= self.dropout < 1.0):
             raise ConfigError(f"dropout={self.dropout} must be in [0, 1), or -1 for the model's own")
         for name, allowed in (("truncation", TRUNCATIONS), ("padding", PADDINGS),
-                              ("precision", PRECISIONS), ("report_to", REPORT_TO)):
+                              ("precision", PRECISIONS), ("report_to", REPORT_TO),
+                              ("attn_implementation", ATTENTIONS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if not (self.device in ("auto", "cpu", "cuda", "mps") or _is_cuda_index(self.device)):
@@ -201,10 +208,13 @@ def field_types() -> dict[str, type]:
     return {f.name: hints[f.name] for f in fields(Config)}
 
 
-# Fields that change nothing about the numbers a run computes: a resume may change them freely.
+# Fields that change nothing about the numbers a run computes: a resume may change them freely. Gradient
+# checkpointing recomputes the same activations with the same dropout masks (tests/test_families.py resumes every
+# family with it on and gets the run without it, bitwise): a run short of memory may resume with it.
 RESUME_SAFE_FIELDS = frozenset({
     "resume", "output_dir", "overwrite", "num_workers", "log_every", "save_every", "keep_last",
     "eval_batch_size", "report_to", "max_bad_steps", "test_file", "n_test", "keep_freed_memory",
+    "gradient_checkpointing",
 })
 
 

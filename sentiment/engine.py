@@ -1,8 +1,8 @@
 """Everything about where and how the math runs: device, precision, seeding, processes.
 
-This is the only module that mentions CUDA, MPS, autocast, GradScaler, ranks and DDP.
-`setup_engine()` decides once and prints every automatic choice with its reason; the rest
-of the code asks the returned `Engine` (`engine.autocast()`, `engine.wrap(model)`, ...).
+This is the only module that mentions CUDA, MPS, autocast, GradScaler, ranks and DDP. `setup_engine()` decides
+once and prints every automatic choice with its reason; the rest of the code asks the returned `Engine`
+(`engine.autocast()`, `engine.wrap(model)`, `engine.flash_attention_unusable`, ...).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 import random
 import resource
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -74,6 +75,14 @@ class Engine:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     @property
+    def flash_attention_unusable(self) -> str:
+        """Why FlashAttention-2 cannot run here, or "" where it can: CUDA, an Ampere+ GPU, bf16/fp16, flash_attn."""
+        from transformers.utils import is_flash_attn_2_available
+        if self.device.type != "cuda" or self.amp_dtype is None or torch.cuda.get_device_capability(self.device)[0] < 8:
+            return "it runs on Ampere+ CUDA GPUs (sm80) in bf16/fp16 only"
+        return "" if is_flash_attn_2_available() else "the flash_attn package is not installed"
+
+    @property
     def pin_memory(self) -> bool:
         return self.device.type == "cuda"
 
@@ -83,10 +92,9 @@ class Engine:
         return self.device.type in ("cuda", "cpu")
 
     def wrap(self, model: torch.nn.Module, compile: bool = False, inference: bool = False) -> torch.nn.Module:
-        """Move to the device, optionally torch.compile, and wrap in DDP when distributed.
-
-        inference=True (evaluate/predict of a saved model, never training) also stores the weights in
-        the bf16/fp16 precision: autocast would otherwise re-cast every weight in every forward."""
+        """Move to the device, optionally torch.compile, and wrap in DDP when distributed. inference=True (evaluate/
+        predict of a saved model, never training) also stores the weights in the bf16/fp16 precision: autocast would
+        otherwise re-cast every weight in every forward."""
         model = model.to(self.device)
         if inference and self.amp_dtype is not None:
             model = model.to(self.amp_dtype)
@@ -113,9 +121,9 @@ class Engine:
 
     @staticmethod
     def local_model(model: torch.nn.Module) -> torch.nn.Module:
-        """The model without its DDP wrapper (still compiled, if it was), for evaluation: DDP broadcasts
-        buffers in a forward, so ranks running different numbers of eval batches (a rank may have none)
-        would pair that broadcast with another collective and hang."""
+        """The model without its DDP wrapper (still compiled, if it was), for evaluation: DDP broadcasts buffers in a
+        forward, so ranks running different numbers of eval batches (a rank may have none) would pair that broadcast
+        with another collective and hang."""
         return model.module if isinstance(model, DDP) else model
 
     def no_sync(self, model: torch.nn.Module, sync: bool):
@@ -143,8 +151,7 @@ class Engine:
         return out
 
     def any_rank(self, flag: bool) -> bool:
-        """True on every rank if `flag` is true on any (e.g. one rank got SIGTERM): ranks must agree
-        on when to stop, or the others would wait forever in the next all-reduce."""
+        """True on every rank if `flag` is on any (one got SIGTERM): else the others wait in the next all-reduce."""
         if not self.distributed:
             return flag
         device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -192,16 +199,14 @@ class Engine:
 
     def rng_state(self) -> dict:
         """Every RNG this process draws from: Python, NumPy, torch CPU and this process's CUDA device."""
-        state = {"python": random.getstate(), "numpy": np.random.get_state(),
-                 "torch": torch.get_rng_state()}
+        state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             state["cuda"] = torch.cuda.get_rng_state(self.device)
         return state
 
     def seed_per_rank(self, seed: int) -> None:
-        """Reseed torch with seed + rank once the model exists. Its weights were drawn alike on every
-        rank (and DDP broadcasts rank 0's anyway), but dropout must not draw the same masks on every
-        rank's share of the batch."""
+        """Reseed torch with seed + rank once the model exists. Its weights were drawn alike on every rank (and DDP
+        broadcasts rank 0's anyway), but dropout must not draw the same masks on every rank's share of the batch."""
         torch.manual_seed(seed + self.rank)
 
     def gather_rng_states(self) -> list[dict]:
@@ -237,16 +242,11 @@ def seed_everything(seed: int) -> None:
 
 
 def cpu_has_native_bf16() -> bool:
-    """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 autocast
-    is emulated and slower than fp32."""
+    """True where the CPU computes bf16 in hardware (AVX512-BF16, AMX); elsewhere bf16 autocast is emulated, slower."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = f.read()
-        except OSError:
-            return False
+        flags = Path("/proc/cpuinfo").read_text() if os.path.exists("/proc/cpuinfo") else ""
         return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

@@ -86,11 +86,26 @@ def tokenize_texts(texts: list[str], tokenizer, cfg: Config) -> TokenizedSplit:
 
 # ----------------------------------------------------------------------------- masking
 
+WORD_MARKS = ("##", "▁", "Ġ")  # WordPiece marks a word's later pieces; SentencePiece and byte-level BPE its first
+
+
+def continuation_pieces(tokens: list[str]) -> np.ndarray:
+    """(vocab,) bool: which tokens continue the word before them. The vocabulary's own mark decides, the one most of
+    its tokens carry: WordPiece's `##ing` (BERT, ELECTRA), or a word's first piece marked, SentencePiece's `▁the`
+    (ALBERT, DeBERTa-v3, XLM-R) or byte-level BPE's `Ġthe` (RoBERTa, ModernBERT), every unmarked piece going with
+    the one before. No mark at all: every token is a word."""
+    counts = {mark: sum(t.startswith(mark) for t in tokens) for mark in WORD_MARKS}
+    mark = max(WORD_MARKS, key=counts.get)
+    if not counts[mark]:
+        return np.zeros(len(tokens), dtype=bool)
+    return np.array([t.startswith(mark) == (mark == "##") for t in tokens])
+
 
 @dataclass(frozen=True)
 class Masker:
     """BERT's masking of one text. Arrays are indexed by token id: `special` ([CLS], [SEP], [PAD], ...: never
-    predicted), `continuation` (WordPiece `##` pieces: with whole_word, they go with the token before)."""
+    predicted), `continuation` (pieces inside a word, see continuation_pieces: with whole_word, they go with the
+    token before)."""
     special: np.ndarray  # (vocab,) bool
     continuation: np.ndarray  # (vocab,) bool
     mask_id: int
@@ -103,7 +118,7 @@ class Masker:
         n = len(tokenizer)
         special = np.zeros(n, dtype=bool)
         special[tokenizer.all_special_ids] = True
-        continuation = np.array([t.startswith("##") for t in tokenizer.convert_ids_to_tokens(list(range(n)))])
+        continuation = continuation_pieces(tokenizer.convert_ids_to_tokens(list(range(n))))
         return cls(special, continuation, tokenizer.mask_token_id, cfg.mlm_probability, cfg.whole_word_masking,
                    cfg.seed)
 

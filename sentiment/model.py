@@ -1,17 +1,21 @@
-"""Model and tokenizer construction, and AdamW's parameter groups."""
+"""Model and tokenizer construction, and AdamW's parameter groups; what differs between encoder families is
+looked up in families.py's table, here and nowhere else."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
 
 from sentiment.data import LABEL_NAMES
 from sentiment.errors import ConfigError, ModelError
+from sentiment.families import FAMILIES, Family, classifier_class, family_of, submodule
 
-# any one of these holds a vocabulary (WordPiece, SentencePiece, BPE); tokenizer_config.json alone does not
+# any one of these holds a vocabulary (WordPiece, SentencePiece, BPE); tokenizer_config.json alone does not.
+# spm.model is DeBERTa-v3's (microsoft/deberta-v3-base ships no tokenizer.json)
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "spiece.model", "vocab.json",
-                   "sentencepiece.bpe.model")
+                   "sentencepiece.bpe.model", "spm.model")
 
 
 def _load_error(name: str, what: str, e: Exception) -> ModelError:
@@ -25,7 +29,8 @@ def _load_error(name: str, what: str, e: Exception) -> ModelError:
     where = "the local folder" if Path(name).is_dir() else "the Hugging Face hub"
     fix = ("check that it holds config.json, the weights and the tokenizer files" if Path(name).is_dir()
            else "offline, pass --model_name_or_path /path/to/a/local/model/folder")
-    return ModelError(f"could not load the {what} {name!r} from {where} ({type(e).__name__}); {fix}")
+    reason = " ".join(str(e).split())[:300]  # the library's own words, on the one line
+    return ModelError(f"could not load the {what} {name!r} from {where} ({type(e).__name__}: {reason}); {fix}")
 
 
 def load_tokenizer(name: str):
@@ -79,7 +84,7 @@ def load_model_config(name: str, dropout: float = -1.0):
 
 def load_model(name: str, dropout: float = -1.0, gradient_checkpointing: bool = False, config=None,
                trained_head: bool = False):
-    """A sequence classifier on SDPA attention (fused kernels), built from `config` (if None, from
+    """A sequence classifier on the attention kernel set in config (use_family), built from `config` (if None, from
     load_model_config(name, dropout)). The classification head is new (randomly initialised from the current
     torch seed) when the checkpoint is a plain encoder such as bert-base-uncased; trained_head=True (evaluate,
     predict) refuses that: an untrained head would score reviews at random."""
@@ -94,23 +99,39 @@ def load_model(name: str, dropout: float = -1.0, gradient_checkpointing: bool = 
 
 
 def from_pretrained(auto_class, name: str, config, what: str, gradient_checkpointing: bool = False):
-    """(auto_class.from_pretrained(name) on SDPA attention, the names of the tensors it initialised anew
-    because the checkpoint lacks them: a head, usually)."""
+    """(auto_class.from_pretrained(name) on the attention kernel set in config (use_family; else transformers'
+    default: SDPA where the class has it), the names of the tensors it initialised anew because the checkpoint
+    lacks them: a head, usually)."""
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "some weights were newly initialized": expected, and reported by our callers
     try:
-        model, info = auto_class.from_pretrained(name, config=config, attn_implementation="sdpa",
-                                                 output_loading_info=True)
+        model, info = auto_class.from_pretrained(name, config=config, output_loading_info=True)
     except Exception as e:  # noqa: BLE001
         raise _load_error(name, what, e) from None
     finally:
         hf_logging.set_verbosity(verbosity)
-    if gradient_checkpointing:
+    if gradient_checkpointing and family_of(config).own_checkpointing:
+        checkpoint_each_layer(model, family_of(config))
+    elif gradient_checkpointing:
         # non-reentrant checkpointing works with DDP and with inputs that need no grad
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, sorted(info.get("missing_keys") or ())
+
+
+def checkpoint_each_layer(model: torch.nn.Module, family: Family) -> None:
+    """Gradient checkpointing where transformers has none for the family (ALBERT, MPNet): each layer's forward
+    runs under torch.utils.checkpoint in training, its activations recomputed in backward. Non-reentrant, as
+    transformers' own: it restores the RNG state, so dropout draws the same masks and the losses are those of a
+    run without checkpointing. Only the forward is wrapped: the weights and their names do not change."""
+    def checkpointed(layer: torch.nn.Module, forward, *args, **kwargs):
+        if not (layer.training and torch.is_grad_enabled()):  # evaluation: nothing is kept for a backward
+            return forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    for layer in submodule(model.base_model, family.layers):
+        layer.forward = functools.partial(checkpointed, layer, layer.forward)
 
 
 def load_mlm_model(name: str, config, gradient_checkpointing: bool = False) -> tuple[torch.nn.Module, str]:
@@ -124,11 +145,12 @@ def load_mlm_model(name: str, config, gradient_checkpointing: bool = False) -> t
     head = f"new ({len(new)} tensors: {name} has none)" if new else "from the checkpoint"
     if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
         head += ", decoder tied to the input embeddings"
-    pooler = "none"
-    if getattr(model.base_model, "pooler", 0) is None:  # the family has a pooler, and the masked LM left it out
+    pooler, parts = "none", family_of(config).pooler  # the modules the family's classifier reads
+    if parts and all(getattr(model.base_model, p, 0) is None for p in parts):  # the masked LM left them out
         base, missing = from_pretrained(AutoModel, name, config, "model")
         if base.pooler is not None and not any(k.startswith("pooler.") for k in missing):
-            model.base_model.pooler = base.pooler.requires_grad_(False)
+            for part in parts:  # ALBERT's pooler is two modules, a Linear and its Tanh
+                setattr(model.base_model, part, getattr(base, part).requires_grad_(False))
             pooler = "from the checkpoint, frozen"
         else:
             pooler = f"none in {name}: train starts a new one"
@@ -145,12 +167,51 @@ def load_checked(name: str, max_length: int, dropout: float = -1.0):
 
 
 def check_max_length(max_length: int, config) -> None:
-    """The one rule for every command: inputs longer than the model's position embeddings (512 for BERT)
-    would crash inside them, so a larger --max_length is refused, never silently cut."""
-    positions = int(getattr(config, "max_position_embeddings", 512))
-    if max_length > positions:
-        raise ConfigError(f"max_length={max_length} exceeds the model's {positions} positions; "
-                          f"use --max_length {positions} or less")
+    """The one rule for every command: inputs longer than the family's positions take (512 for BERT, 512 of
+    RoBERTa's 514 rows; families.py says why for each) would crash inside them, so a larger --max_length is
+    refused, never silently cut."""
+    limit, why = family_of(config).positions(config)
+    if limit is not None and max_length > limit:
+        why = f" ({why})" if limit != getattr(config, "max_position_embeddings", limit) else ""  # RoBERTa's offset
+        raise ConfigError(f"max_length={max_length} exceeds the model's {limit} positions{why}; "
+                          f"use --max_length {limit} or less")
+
+
+def use_family(config, attn_implementation: str, flash_unusable: str, gradient_checkpointing: bool = False) -> str:
+    """Set config's attention kernel (choose_attention) before any weights load; refuse gradient checkpointing
+    where neither transformers nor we have it. Returns the header's line of what the family decided, and why."""
+    family = family_of(config)
+    checkpointable = family.own_checkpointing or classifier_class(config).supports_gradient_checkpointing
+    if gradient_checkpointing and not checkpointable:
+        raise ConfigError(f"{config.model_type} has no gradient checkpointing in transformers; use "
+                          "--gradient_checkpointing false (and a smaller --micro_batch_size, or auto)")
+    kernel, why = choose_attention(config, attn_implementation, flash_unusable)
+    config._attn_implementation = kernel  # read by from_pretrained; not saved with the model
+    return (f"family: {family.name} ({config.model_type}) | attention={kernel} ({why}) | "
+            f"length: {family.positions(config)[1]}")
+
+
+def choose_attention(config, requested: str, flash_unusable: str) -> tuple[str, str]:
+    """(kernel, why): `requested` if the family runs it here, else a ConfigError; under auto FlashAttention-2 where
+    the family has it and `flash_unusable` is "" (the engine's: CUDA, half precision, flash_attn installed), else
+    PyTorch's fused SDPA where the class has it, else eager attention (plain matmuls: slower, more memory)."""
+    import transformers
+
+    kernels, cls = family_of(config).attention, classifier_class(config).__name__
+    if requested != "auto":
+        if requested not in kernels:
+            raise ConfigError(f"attn_implementation={requested}: {cls} runs only {', '.join(kernels)} in "
+                              f"transformers {transformers.__version__}; use --attn_implementation auto")
+        if requested == "flash_attention_2" and flash_unusable:
+            raise ConfigError(f"attn_implementation=flash_attention_2 cannot run here: {flash_unusable}; use "
+                              "--attn_implementation auto")
+        return requested, "requested"
+    if "flash_attention_2" in kernels and not flash_unusable:
+        return "flash_attention_2", f"auto: {cls} has it, and this device runs it"
+    if "sdpa" in kernels:
+        return "sdpa", f"auto: {cls} has PyTorch's fused SDPA" + (
+            f"; flash_attention_2 not used: {flash_unusable}" if "flash_attention_2" in kernels else "")
+    return "eager", f"auto: {cls} has no SDPA or flash kernel in transformers {transformers.__version__}"
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, layer_lr_decay: float = 0.0) -> list[dict]:
@@ -177,16 +238,17 @@ def layer_decay_on(decay: float) -> bool:
 def layer_scales(model: torch.nn.Module, decay: float) -> list[tuple[str, float, list[torch.nn.Parameter]]]:
     """[(name, lr scale, parameters)] from the bottom up, for layer-wise lr decay (Sun et al. 2019): with L
     encoder layers, the embeddings are layer 0 (scale decay^L), encoder layer l is decay^(L-l), and the head
-    (everything above the encoder: pooler, classifier) is at the peak, 1. BERT-family models only: those
-    whose base model has `embeddings` and `encoder.layer` (BERT, RoBERTa, ELECTRA, MiniLM...)."""
-    base = getattr(model, "base_model", None)
-    layers = getattr(getattr(base, "encoder", None), "layer", None)
-    if base is None or not hasattr(base, "embeddings") or not isinstance(layers, torch.nn.ModuleList):
-        raise ConfigError("layer_lr_decay needs a BERT-family model (base_model.embeddings and "
-                          f"base_model.encoder.layer); {type(model).__name__} has no such layers: use "
-                          "--layer_lr_decay 0")
+    (everything above the encoder: pooler, classifier, a final norm) is at the peak, 1. Where the layers and
+    embeddings are is the family's (families.py: `encoder.layer`, DistilBERT's `transformer.layer`...)."""
+    config = getattr(model, "config", None)  # none: not a transformers model, read as BERT-shaped (and refused)
+    base, family = getattr(model, "base_model", None), family_of(config) if config else FAMILIES["bert"]
+    layers = submodule(base, family.layers)
+    bottom = [m for m in (submodule(base, path) for path in family.embeddings) if m is not None]
+    if not bottom or not isinstance(layers, torch.nn.ModuleList):
+        raise ConfigError(f"layer_lr_decay needs the layers of {type(model).__name__}, which has no base_model."
+                          f"{family.embeddings[0]} and base_model.{family.layers}: use --layer_lr_decay 0")
     n = len(layers)
-    stack = [("embeddings", base.embeddings)] + [(str(i + 1), layer) for i, layer in enumerate(layers)]
+    stack = [("embeddings", torch.nn.ModuleList(bottom))] + [(str(i + 1), layer) for i, layer in enumerate(layers)]
     named = [(name, decay ** (n - depth), list(module.parameters())) for depth, (name, module) in enumerate(stack)]
     below = {id(p) for _, _, ps in named for p in ps}
     return named + [("head", 1.0, [p for p in model.parameters() if id(p) not in below])]

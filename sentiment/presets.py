@@ -9,7 +9,7 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
-from sentiment.config import TYPE_NAMES, Config, field_types, is_int
+from sentiment.config import AUTO, TYPE_NAMES, Config, field_types, is_int
 from sentiment.errors import ConfigError
 
 # Sun et al. 2019 ("How to Fine-Tune BERT for Text Classification") on IMDb: all 25,000 reviews (10% held out
@@ -47,9 +47,6 @@ JSON_TYPE_OK = {
     float: lambda v: is_int(v) or isinstance(v, float),
     str: lambda v: isinstance(v, str),
 }
-
-
-AUTO = {"micro_batch_size": 0}  # fields that take the word `auto` for a number, and that number
 
 
 def check_file_types(data: dict, path: str) -> None:

@@ -28,7 +28,7 @@ from sentiment.errors import ModelError
 from sentiment.loop import StopRequest, out_of_memory_is_an_error
 from sentiment.mlm_data import (EVAL_EPOCH, IGNORE, MaskedTexts, Masker, MLMCollator, read_unlabeled, split_texts,
                                 tokenize_texts)
-from sentiment.model import count_params, load_checked, load_mlm_model
+from sentiment.model import count_params, load_checked, load_mlm_model, use_family
 from sentiment.runlog import RunLog, check_report_to, environment
 from sentiment.train import Job, for_training, in_run_folder, print_header, run_facts, start_writing, steps
 
@@ -53,6 +53,8 @@ def run(cfg: Config, engine: Engine) -> dict:
     check_report_to(cfg)
     plan = fit.plan_batch(cfg, engine.world_size)
     tokenizer, model_config = load_checked(cfg.model_name_or_path, cfg.max_length, cfg.dropout)
+    family = use_family(model_config, cfg.attn_implementation, engine.flash_attention_unusable,
+                        cfg.gradient_checkpointing)
     if tokenizer.mask_token_id is None:
         raise ModelError(f"the tokenizer of {cfg.model_name_or_path} has no [MASK] token; masked-LM needs one")
     with engine.main_process_first():
@@ -78,7 +80,7 @@ def run(cfg: Config, engine: Engine) -> dict:
     print_header(cfg, engine, env, raw_model, plan, steps_per_epoch, warmup_steps, progress.step if resume else None, [
         f"data: {source} | train {len(train_split)} | val {len(val_split) if val_split else 0} texts | "
         f"{int(train_split.lengths.sum())} train tokens",
-        f"model: {type(raw_model).__name__} {count_params(raw_model)[0] / 1e6:.3g}M parameters | {parts}",
+        f"model: {type(raw_model).__name__} {count_params(raw_model)[0] / 1e6:.3g}M parameters | {parts}", family,
         f"masking: {cfg.mlm_probability:.0%} of non-special tokens per text, 80% [MASK] / 10% random / 10% kept, "
         f"{'whole words' if cfg.whole_word_masking else 'tokens'}, new masks each epoch"])
 

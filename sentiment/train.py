@@ -31,7 +31,8 @@ from sentiment.engine import Engine, setup_engine
 from sentiment.evaluate import evaluate
 from sentiment.loop import (StopRequest, ignore_stop_signals, is_bad, lr_at, out_of_memory_is_an_error, set_lr,
                             step_totals, token_counts, too_many_bad_steps)
-from sentiment.model import count_params, layer_decay_on, layer_lr_line, load_checked, load_model, param_groups
+from sentiment.model import (count_params, layer_decay_on, layer_lr_line, load_checked, load_model, param_groups,
+                             use_family)
 from sentiment.report import misclassified, write_report
 from sentiment.runlog import (RunLog, StepClock, TimedBatches, check_report_to, console, environment, git_commit,
                               quiet_libraries)
@@ -79,6 +80,8 @@ def run(cfg: Config, engine: Engine) -> dict:
     check_report_to(cfg)
     plan = fit.plan_batch(cfg, engine.world_size)  # micro x accum x world = the global batch, or a ConfigError
     tokenizer, model_config = load_checked(cfg.model_name_or_path, cfg.max_length, cfg.dropout)  # no weights yet
+    family = use_family(model_config, cfg.attn_implementation, engine.flash_attention_unusable,
+                        cfg.gradient_checkpointing)
 
     with engine.main_process_first():  # rank 0 tokenizes and fills the cache; the others read it
         splits = load_splits(cfg, tokenizer)
@@ -101,7 +104,7 @@ def run(cfg: Config, engine: Engine) -> dict:
     has_val = splits.val is not None
     print_header(cfg, engine, env, raw_model, plan, steps_per_epoch, warmup_steps, progress.step if resume else None,
                  [f"data: train {len(splits.train)} | val {len(splits.val) if has_val else 0} | test "
-                  f"{len(splits.test)} reviews | model {count_params(raw_model)[0] / 1e6:.3g}M parameters"]
+                  f"{len(splits.test)} reviews | model {count_params(raw_model)[0] / 1e6:.3g}M parameters", family]
                  + ([layer_lr_line(raw_model, cfg.lr, cfg.layer_lr_decay)]
                     if layer_decay_on(cfg.layer_lr_decay) else []))
 

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from sentiment import cli
-from sentiment.cli import ABOUT, COMMAND_FIELDS, EVALUATE_FIELDS, PREDICT_FIELDS, TRAINER_NAMES, main, parse
+from sentiment.cli import (ABOUT, COMMAND_FIELDS, COMMANDS, EVALUATE_FIELDS, PREDICT_FIELDS, TRAINER_NAMES, main,
+                           parse)
 from sentiment.config import Config, field_docs
+from sentiment.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = [f.name for f in fields(Config)]
@@ -252,3 +254,20 @@ def test_help_from_a_real_process():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: sentiment predict (TEXT [TEXT ...] | --input FILE)")
     assert "system:" in proc.stdout and "--lr" not in proc.stdout
+
+
+@pytest.mark.parametrize("argv", [[], ["--help"], ["-h"]], ids=["bare", "--help", "-h"])
+def test_sentiment_alone_and_its_help_list_the_commands_and_start_nothing(argv, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # a default run would write runs/latest here
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: sentiment COMMAND")
+    listed = [line.split()[0] for line in out.splitlines() if line.startswith("  ")]
+    assert listed == list(COMMANDS)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_config_takes_auto_for_the_micro_batch_as_the_command_line_does():
+    assert Config(micro_batch_size="auto") == Config(micro_batch_size=0) == parse(["--micro_batch_size", "auto"])[2]
+    with pytest.raises(ConfigError, match="micro_batch_size='big' must be an integer"):
+        Config(micro_batch_size="big")

@@ -19,7 +19,7 @@ from sentiment.cli import main
 PROGRESS = re.compile(r"[\w .-]*: *(\d+%\|[^|]*\| *)?\d+(/\d+)?( \w+)? \[[^\]]*\]")
 
 
-DIAGNOSTIC = re.compile(r"(engine|settings): ")
+DIAGNOSTIC = re.compile(r"(engine|settings|family): ")
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -28,7 +28,8 @@ def error_line(stderr: str) -> str:
     """The one `error:` line of stderr; fails if there is a traceback, another message, or not exactly one."""
     assert "Traceback" not in stderr, stderr
     lines = [line for line in re.split(r"[\r\n]+", stderr) if line.strip()]
-    # evaluate and predict say what they decided on stderr too ("engine: ...", "settings: ..."): lines, not errors
+    # evaluate and predict say what they decided on stderr too ("engine: ...", "settings: ...", "family: ..."): lines,
+    # not errors
     messages = [line for line in lines if not PROGRESS.fullmatch(line) and not DIAGNOSTIC.match(line)]
     assert len(messages) == 1 and messages[0].startswith("error: "), f"expected one error line, got:\n{stderr}"
     assert lines[-1] == messages[0], "the error line comes last"

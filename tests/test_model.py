@@ -117,8 +117,8 @@ def test_layer_decay_header_line(model):
 
 
 def test_layer_decay_refuses_a_model_without_bert_layers():
-    with pytest.raises(ConfigError, match=r"^layer_lr_decay needs a BERT-family model .*; Linear has no such "
-                                          r"layers: use --layer_lr_decay 0$"):
+    with pytest.raises(ConfigError, match=r"^layer_lr_decay needs the layers of Linear, which has no base_model."
+                                          r"embeddings and base_model.encoder.layer: use --layer_lr_decay 0$"):
         param_groups(torch.nn.Linear(2, 2), 0.0, 0.95)
     assert len(param_groups(torch.nn.Linear(2, 2), 0.0, 0.0)) == 2  # off: any model
 
