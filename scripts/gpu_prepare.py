@@ -8,14 +8,15 @@ The device tool sends the working tree plus the ignored folders named in `carry`
 
   imdb/train.parquet             ../shared/imdb/train.parquet, the same rows and schema, zstd level 22 (14.2 -> 10.6 MB)
   imdb/unsupervised_128.parquet  the 50,000 unlabeled reviews, each cut at the first space after its 127th token
-                                 (66.5 -> 26.5 MB of text, 8.7 MB on disk): the pre-training reads 128 tokens with
+                                 (66.5 -> 26.3 M characters, 8.6 MB on disk): the pre-training reads 128 tokens with
                                  head truncation ([CLS] + 126 + [SEP]), and every text's ids are checked here to be
                                  the same as the whole review's; a text that would differ is kept whole. Good for
                                  --max_length <= 128 only, hence the name.
   minilm/                        MiniLM's config and tokenizer files and model.fp16.safetensors.xz: its fp32 weights
-                                 rounded to fp16 (relative error <= 2^-11; int tensors unchanged) and xz-compressed,
-                                 91 -> 41 MB. `unpack` writes them back as fp32 model.safetensors: the figures are of
-                                 MiniLM with fp16-rounded weights, which the summary says.
+                                 rounded to fp16 (relative error <= 2^-11, absolute <= 3e-8 below fp16's normal range;
+                                 int tensors unchanged) and xz-compressed, 91 -> 41 MB. `unpack` writes them back as
+                                 fp32 model.safetensors: the figures are of MiniLM with fp16-rounded weights, which
+                                 the summary says.
   wheels/                        what the machine's image lacks (its python3 has torch 2.11 + CUDA, transformers,
                                  pyarrow, scikit-learn, accelerate, pytest: /work/.library/device/KINDS.md): datasets,
                                  dill and multiprocess at this environment's versions, for CPython 3.12 on x86-64.

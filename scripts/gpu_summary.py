@@ -95,8 +95,10 @@ def figures(ctx, name: str, log: str) -> dict:
         return {"samples_per_second": read_json(work / "probe" / "results.json").get("samples_per_second")}
     if name == "pretrain":
         results = read_json(work / "pretrain" / "results.json")
-        return {**ctx.planned, **{k: results.get(k) for k in ("mlm_loss", "mlm_accuracy", "perplexity",
-                                                              "samples_per_second", "train_seconds")}}
+        texts = results.get("n_texts", {}).get("train")
+        epochs = results["steps"] * results["batch"]["global"] / texts if texts else None  # passes over the texts
+        return {**ctx.planned, "epochs": epochs, **{k: results.get(k) for k in (
+            "mlm_loss", "mlm_accuracy", "perplexity", "samples_per_second", "train_seconds")}}
     return few_shot_figures(ctx)
 
 

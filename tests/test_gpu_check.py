@@ -130,6 +130,7 @@ def test_dry_run_of_every_step_on_a_prepared_carry_folder(tmp_path):
     assert "8 skipped" in figures["test-gpu"]["pytest"]  # no CUDA here
     assert figures["doctor"]["ok"] is True
     assert 0 <= figures["full"]["accuracy"] <= 1 and figures["pretrain"]["steps"] >= 10
+    assert figures["pretrain"]["epochs"] > 0
     assert {"minilm accuracy", "pretrained accuracy", "gain", "gain appears"} <= figures["few-shot"].keys()
     assert (out / "steps.log").read_text().count("\n===== ") == len(check.STEPS)
 
