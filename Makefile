@@ -7,6 +7,7 @@
 #   make ddp NPROC=2 ARGS="..."     the same training under torchrun (DDP)
 #   make bench / make compare       speed against the HF Trainer / per-step parity with it
 #   make seeds ARGS="--seeds 1,2,3 -- FLAGS"   one training per seed, then mean ± std of the test metrics
+#   make gpu-prepare / make gpu-check OUT=DIR    every GPU path and recipe in one ~10-minute go (see README "On a GPU")
 # Everything lives in a virtual environment ($(VENV)); point VENV at an existing one to reuse it.
 
 PYTHON ?= python3
@@ -21,7 +22,8 @@ SHARED ?= ../shared/imdb
 DATA ?= runs/imdb_split
 RUN ?= runs/latest
 
-.PHONY: install install-test train pretrain test test-gpu smoke ddp bench compare seeds data plot clean
+.PHONY: install install-test train pretrain test test-gpu smoke ddp bench compare seeds data plot clean \
+	gpu-prepare gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -79,6 +81,18 @@ compare: install-test
 
 seeds: install
 	$(PY) scripts/seeds.py $(ARGS)
+
+# The GPU figures (scripts/gpu_check.py): gpu-prepare fills the git-ignored .gpu/ here (data, MiniLM, wheels; ~60 MB,
+# what a device call can carry); gpu-check runs every step into OUT/summary.md, from the folder CARRY when set. No
+# install step: on the lent GPU machine the image's python3 has torch: `make gpu-check PY=python3 CARRY=.gpu OUT=$OUT`.
+OUT ?= runs/gpu_check_out
+CARRY ?=
+gpu-prepare: install-test
+	$(PY) scripts/gpu_prepare.py prepare .gpu $(ARGS)
+
+gpu-check:
+	$(PY) scripts/gpu_check.py $(if $(CARRY),--data $(CARRY)/imdb --model $(CARRY)/minilm --wheels $(CARRY)/wheels) \
+		$(ARGS) $(OUT)
 
 plot: install
 	$(PY) -m sentiment plot $(RUN)
