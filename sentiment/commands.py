@@ -89,6 +89,10 @@ def check_output(output: str, formats: tuple[str, ...], cfg: Config) -> None:
                           f"{path.parent}) or pass another --output")
     if not os.access(path.parent, os.W_OK):
         raise ConfigError(f"--output {output}: the folder {path.parent} is not writable; pass another --output")
+    outer = rundir.enclosing_run(path)
+    if outer:
+        raise ConfigError(f"--output {output} lies inside {outer[1]}/ of the run in {outer[0]}, which a run there "
+                          "replaces or deletes; write it outside the run's own files (e.g. beside them)")
     if os.path.lexists(path) and not cfg.overwrite:
         raise ConfigError(f"{output} exists; pass another --output, or --overwrite true to replace it")
 

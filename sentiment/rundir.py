@@ -84,16 +84,25 @@ def is_run_file(name: str) -> bool:
     return name in RUN_FILES or (name.startswith(".") and name[1:].rpartition(".")[0] in RUN_FILES)
 
 
+def enclosing_run(path: Path) -> tuple[Path, str] | None:
+    """(a marked run folder above `path`, its run file that holds `path`), where `path` lies inside one of a run's
+    own files (its model/, plots/, ...: replaced or deleted by that run, or by the next one there); else None."""
+    resolved = path.resolve()
+    for parent in resolved.parents:
+        name = resolved.relative_to(parent).parts[0]
+        if os.path.lexists(parent / MARKER) and is_run_file(name):
+            return parent, name
+    return None
+
+
 def refuse_nesting(out: Path) -> None:
     """Run folders never nest: output_dir may not lie inside the run files (model/, plots/, checkpoints/, ...) of a
     marked run above it, which that run replaces or deletes; nor may another run lie inside output_dir's own run
     files, which this run would (git likewise refuses a repository inside another's .git)."""
-    resolved = out.resolve()
-    for parent in resolved.parents:
-        name = resolved.relative_to(parent).parts[0]
-        if os.path.lexists(parent / MARKER) and is_run_file(name):
-            raise ConfigError(f"output_dir {out} lies inside {name}/ of the run in {parent}, which that run replaces "
-                              f"or deletes; pass an --output_dir outside its run files (e.g. beside {parent})")
+    outer = enclosing_run(out)
+    if outer:
+        raise ConfigError(f"output_dir {out} lies inside {outer[1]}/ of the run in {outer[0]}, which that run replaces "
+                          f"or deletes; pass an --output_dir outside its run files (e.g. beside {outer[0]})")
     for entry in (sorted(out.iterdir()) if out.is_dir() else ()):
         if is_run_file(entry.name) and entry.is_dir() and not entry.is_symlink():
             inner = next((root for root, _, files in os.walk(entry) if MARKER in files), None)

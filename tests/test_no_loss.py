@@ -181,17 +181,21 @@ def test_damaged_marker_says_how_to_continue_its_checkpoints(finished, tiny_dirs
     ("predict", "p.json", "'.json' suffix"),
     ("predict", "p", "no suffix"),
     ("evaluate", "e.csv", "name the file with one of .json"),
+    ("predict", "{run}/model/p.jsonl", "lies inside model/ of the run in"),  # the next save replaces model/
+    ("evaluate", "{run}/checkpoints/e.json", "lies inside checkpoints/ of the run in"),
 ])
 def test_an_output_path_is_checked_before_any_work(command, output, expected, finished, tiny_dirs, tmp_path,
                                                    monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "afolder").mkdir()
-    output = output.format(folder="afolder")
+    output = output.format(folder="afolder", run=finished)
+    before = snapshot(finished)
     texts = ["a great film"] if command == "predict" else ["--data_dir", str(tiny_dirs[1]), "--n_test", "0"]
     err = refused([command, "--model_name_or_path", str(finished), *texts, "--output", output, "--overwrite", "true",
                    "--device", "cpu"], capsys)
     assert expected in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afolder"] and not any((tmp_path / "afolder").iterdir())
+    assert snapshot(finished) == before
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".tsv", ".parquet"])
