@@ -21,8 +21,8 @@ MONITOR_FIGURES = {  # file name: what it shows, for report.md
     "layer_grad_norm.png": "per-layer gradient norm per monitored step (log10)",
 }
 # The band the report checks update ratios against: a decade either side of the ~1e-3 rule of thumb (Karpathy,
-# makemore part 3). Under AdamW a weight moves by about lr per step at most (m/√v is ~±1 when its gradient keeps
-# its sign), so |Δθ|/|θ| <= lr / rms(θ): at fine-tuning rates (2e-5..1e-4) and BERT's weights (rms ~0.04), ~1e-3.
+# makemore part 3). Under AdamW a weight moves by about lr per step when its gradient keeps its sign (m/√v ~ ±1),
+# so |Δθ|/|θ| is about lr / rms(θ) at most: at fine-tuning rates (2e-5..1e-4) and BERT's weights (rms ~0.04), ~1e-3.
 BAND = (1e-4, 1e-2)
 
 
@@ -101,7 +101,8 @@ def monitor_lines(run: Path, train_rows: list[dict]) -> list[str]:
     ratios, low, high = matrix(rows, "update_ratio"), *BAND
     median = sorted(layer_medians(rows, "update_ratio").items(), key=lambda kv: kv[1], reverse=True)
     inside, below = np.mean((ratios >= low) & (ratios <= high)), np.mean(ratios < low)
-    moved = per_weight_step(rows, {r["step"]: r["lr"] for r in train_rows})
+    lrs = {r["step"]: r["lr"] for r in train_rows}
+    moved = per_weight_step(rows, lrs)
     costs = [r["monitor_ms"] for r in rows]
     lines = ["## Per-layer monitor", "",
              f"{len(rows)} monitored steps ({rows[0]['step']}-{rows[-1]['step']}), {len(median)} groups, in "
@@ -110,13 +111,21 @@ def monitor_lines(run: Path, train_rows: list[dict]) -> list[str]:
              f"- Moved most: **{median[0][0]}** ({median[0][1]:.1e} of its norm per step); least: "
              f"**{median[-1][0]}** ({median[-1][1]:.1e}), {median[0][1] / max(median[-1][1], 1e-30):.0f}x less.",
              f"- {inside:.0%} of the (layer, step) ratios fall inside {low:g}..{high:g}, a decade either side of the "
-             f"~1e-3 update:data ratio of Karpathy's makemore (part 3); {below:.0%} below it, {1 - inside - below:.0%} "
-             "above. Under AdamW a weight moves by about lr per step at most (m/√v ≈ ±1 when its gradient keeps its "
-             "sign), so the ratio is bounded by lr / rms(θ): a layer below the band at a normal lr is one whose "
-             "gradients keep changing sign, or that gets few (an embedding row moves only when its token occurs)."]
+             "~1e-3 update:data ratio of Karpathy's makemore (part 3); "
+             f"{below:.0%} below it, {1 - inside - below:.0%} above. Under AdamW a weight moves by about lr per step "
+             "when its gradient keeps its sign (m/√v ≈ ±1), less when the sign flips (m averages toward 0), so "
+             "the ratio is about lr / rms(θ) at most: a layer far below that at a normal lr gets noisy or few "
+             "gradients (an embedding row moves only when its token occurs)."]
+    usable = [r for r in rows if lrs.get(r["step"], 0) > 0]
+    if len(usable) > 1:
+        a, b = usable[0], usable[-1]
+        lines.append(f"- From step {a['step']} to step {b['step']} the median ratio over the layers went from "
+                     f"{np.median(a['update_ratio']):.1e} to {np.median(b['update_ratio']):.1e} as the learning rate "
+                     f"went from {lrs[a['step']]:.1e} to {lrs[b['step']]:.1e}: AdamW's steps scale with it.")
     if moved:
-        lines.append("- An average weight moved, per step, this share of the learning rate (median rms(Δθ)/lr; AdamW's "
-                     "ceiling is ~1): " + ", ".join(f"{name} {share:.2f}" for name, share in moved.items()) + ".")
+        lines.append("- An average weight moved, per step, this share of the learning rate (median rms(Δθ)/lr; ~1 "
+                     "when gradients keep their sign): "
+                     + ", ".join(f"{name} {share:.2f}" for name, share in moved.items()) + ".")
     lines += [f"- Cost: {np.mean(costs):.1f} ms per monitored step (median {np.median(costs):.1f}; gradient and "
               "weight norms, one copy of the weights, one host sync); unmonitored steps cost nothing.", ""]
     return lines

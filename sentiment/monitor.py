@@ -80,14 +80,16 @@ class Monitor:
         params = [ps for _, ps in self.groups]
         # before clipping, as the step's grad_norm (the root of their squares' sum)
         grad_norm = group_norms([[p.grad for p in ps] for ps in params], self.device)
-        before = [[p.detach().clone() for p in ps] for ps in params]  # one copy of the weights, freed after
+        weight_norm = group_norms([[p.detach() for p in ps] for ps in params], self.device)  # |θ| before the step
+        change = [[p.detach().clone() for p in ps] for ps in params]  # one copy of the weights, freed after
         spent = time.perf_counter() - start
         yield
         start = time.perf_counter()
-        weight_norm = group_norms(before, self.device)
-        update_norm = group_norms([[p.detach() - b for p, b in zip(ps, bs)] for ps, bs in zip(params, before)],
-                                  self.device)
-        del before
+        for ps, cs in zip(params, change):
+            for p, c in zip(ps, cs):
+                c.sub_(p.detach())  # in place: θ before - θ after, the step's change (its sign does not matter)
+        update_norm = group_norms(change, self.device)
+        del change
         ratio = update_norm / weight_norm.clamp_min(1e-30)  # a group of zeros (a fresh bias) has no ratio: 0
         values = torch.stack([grad_norm, weight_norm, update_norm, ratio]).tolist()  # one host sync
         self.costs.append((spent + time.perf_counter() - start) * 1e3)

@@ -166,5 +166,6 @@ def profile_lines(run: Path) -> list[str]:
     return ["## Profile", "", *summary_lines(summary), "",
             "Self time: an operation's own, without the operations it called. Data: waiting for the next "
             "batch; forward: the model's forward (the loss is outside it); backward: autograd's nodes; optimizer: "
-            "AdamW's step and zero_grad. The rest of a step (moving the batch, the loss, clipping, the host sync, "
-            "evaluations that fell in these steps) is in no phase.", ""]
+            "AdamW's step and zero_grad. The rest of a step (moving the batch, the loss, clipping, the host sync) "
+            "is in no phase; an evaluation or checkpoint that fell in these steps is in their time (its forwards "
+            "as forward).", ""]

@@ -109,7 +109,8 @@ def test_the_monitor_sees_the_same_figures_on_two_processes(ddp_run, single_runs
         assert [r["step"] for r in rows[name]] == [3, 6, 9, 12]
         for a, other in zip(rows["a"], rows[name]):
             for key in ("grad_norm", "weight_norm", "update_ratio"):
-                np.testing.assert_allclose(other[key], a[key], rtol=1e-4, err_msg=f"run ({name}) {key}, step {a['step']}")
+                np.testing.assert_allclose(other[key], a[key], rtol=1e-4,
+                                           err_msg=f"run ({name}) {key}, step {a['step']}")
 
 
 def test_ddp_evaluation_counts_each_example_once_and_matches_one_process(ddp_run, tiny_dirs):

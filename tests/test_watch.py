@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import read_metrics, saved_weights
+from conftest import load_script, read_metrics, saved_weights
 
 from sentiment import checkpoint as ckpt
 from sentiment.engine import Engine
 from sentiment.errors import TrainingError
-from sentiment.heatmaps import read_monitor
+from sentiment.heatmaps import monitor_lines, read_monitor
 from sentiment.loop import out_of_memory_is_an_error
 from sentiment.model import load_mlm_model, load_model, load_model_config
 from sentiment.monitor import layer_groups
@@ -148,3 +148,26 @@ def test_out_of_memory_names_the_snapshot_and_the_viewer():
         with out_of_memory_is_an_error(32, 512, 64, lambda: cpu.write_memory_snapshot(snapshot)):
             raise torch.OutOfMemoryError("out of memory")
     assert str(raised.value).endswith("keep the global batch of 64")
+
+
+def test_the_report_reads_the_heatmaps(tmp_path):
+    """Synthetic rows: the head moves 1e-3 of its norm per step, the embeddings 1e-5; the lr halves."""
+    rows = [{"step": s, "every": 2, "layers": ["embeddings", "layer 1", "classifier"], "numel": [100, 100, 4],
+             "grad_norm": [0.1, 0.2, 0.3], "weight_norm": [10.0, 10.0, 1.0], "update_norm": [1e-4, 1e-3, 1e-3],
+             "update_ratio": [1e-5, 1e-4, 1e-3], "monitor_ms": ms} for s, ms in ((2, 3.0), (4, 5.0))]
+    (tmp_path / "monitor.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 6, "la')
+    text = "\n".join(monitor_lines(tmp_path, [{"step": 2, "lr": 1e-3}, {"step": 4, "lr": 5e-4}]))
+    assert "2 monitored steps (2-4), 3 groups" in text  # the row cut by a kill is skipped
+    assert ("Moved most: **classifier** (1.0e-03 of its norm per step); least: **embeddings** (1.0e-05), "
+            "100x less") in text
+    assert "67% of the (layer, step) ratios fall inside 0.0001..0.01" in text and "33% below it, 0% above" in text
+    assert "learning rate went from 1.0e-03 to 5.0e-04" in text
+    # rms(Δθ)/lr of the classifier: 1e-3 / √4 / lr, at steps 2 and 4: 0.5 and 1.0, median 0.75
+    assert "classifier 0.75" in text and "Cost: 4.0 ms per monitored step" in text
+    assert monitor_lines(tmp_path / "elsewhere", []) == []
+
+
+def test_the_cost_script_times_the_monitor_against_adamw(tiny_dirs, capsys):
+    assert load_script("monitor_cost").main(["--model", str(tiny_dirs[0]), "--repeats", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "in 5 groups" in out and "AdamW step: median" in out and "monitor: median" in out
