@@ -89,8 +89,9 @@ class Profiler:
         self.prof = torch.profiler.profile(
             activities=engine.profiler_activities, on_trace_ready=self._write,
             schedule=torch.profiler.schedule(skip_first=SKIPPED, wait=0, warmup=WARMUP, active=self.steps, repeat=1))
-        self.hooks = [model.register_forward_pre_hook(lambda *_: self._open()),
-                      model.register_forward_hook(lambda *_: self._close_label())]
+        # under torch.compile the hooks run eagerly, outside the compiled graph
+        self.hooks = [model.register_forward_pre_hook(torch.compiler.disable(lambda *_: self._open())),
+                      model.register_forward_hook(torch.compiler.disable(lambda *_: self._close_label()))]
         engine.print(f"profile: steps {self.first}-{self.first + self.steps - 1} (after {SKIPPED + WARMUP} warm-up "
                      f"steps) to {self.folder / 'trace.json'} (open it in https://ui.perfetto.dev)")
         self.prof.start()

@@ -30,9 +30,9 @@ from sentiment.config import Config
 from sentiment.data import ReviewDataset, Splits, collator, global_batches, load_splits, micro_batches
 from sentiment.engine import Engine, setup_engine
 from sentiment.evaluate import evaluate
-from sentiment.memory import PhasePeaks
 from sentiment.loop import (StopRequest, ignore_stop_signals, is_bad, lr_at, out_of_memory_is_an_error, set_lr,
                             step_totals, token_counts, too_many_bad_steps)
+from sentiment.memory import PhasePeaks
 from sentiment.model import count_params, layer_decay_on, layer_lr_line, load_checked, load_model, param_groups
 from sentiment.report import misclassified, write_report
 from sentiment.rundir import MEMORY_SNAPSHOT
@@ -76,9 +76,9 @@ def run(cfg: Config, engine: Engine) -> dict:
         return finished
     check_report_to(cfg)
     plan = fit.plan_batch(cfg, engine.world_size)  # micro x accum x world = the global batch, or a ConfigError
+    phases = PhasePeaks("load")  # this process's peak memory in each phase, for results.json
     tokenizer, model_config = load_checked(cfg.model_name_or_path, cfg.max_length, cfg.dropout)  # no weights yet
 
-    phases = PhasePeaks("load")  # this process's peak memory in each phase, for results.json
     with engine.main_process_first():  # rank 0 tokenizes and fills the cache; the others read it
         splits = load_splits(cfg, tokenizer, phases)
     phases.next("load")  # the model's weights

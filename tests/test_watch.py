@@ -100,10 +100,17 @@ def test_watching_changes_no_weight_and_writes_its_views(tiny_config, tmp_path):
     steps, the forward label, autograd's backward and AdamW's step in it; the report reads both."""
     plain, watched = tmp_path / "plain", tmp_path / "watched"
     train(tiny_config(max_steps=7, output_dir=str(plain)))
-    results = train(tiny_config(max_steps=7, output_dir=str(watched), monitor_every=3, profile_steps=2))
+    results = train(tiny_config(max_steps=7, output_dir=str(watched), monitor_every=3, profile_steps=2,
+                                report_to="tensorboard"))
     a, b = saved_weights(plain), saved_weights(watched)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["step"] for r in read_monitor(watched)] == [3, 6]
+    rows = read_monitor(watched)
+    assert [r["step"] for r in rows] == [3, 6]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(watched / "tensorboard"))
+    events.Reload()
+    ratios = events.Scalars("monitor/update_ratio/layer_1")
+    assert [(e.step, e.value) for e in ratios] == [(r["step"], pytest.approx(r["update_ratio"][1])) for r in rows]
 
     trace = json.loads((watched / "profile" / "trace.json").read_text())
     names = {e.get("name", "") for e in trace["traceEvents"]}
