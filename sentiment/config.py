@@ -80,6 +80,9 @@ class Config:
     resume: str = ""  # "" = fresh run | auto = newest valid checkpoint in output_dir | a checkpoint path
     max_bad_steps: int = 5  # stop after this many consecutive non-finite steps (fp32/bf16)
     report_to: str = "none"  # none | tensorboard (needs the `tensorboard` package)
+    monitor_every: int = 0  # per-layer gradient norm, weight norm and update ratio (L2 norm of the step's change / of the weights) every N optimizer steps, to monitor.jsonl and plots; 0 = off
+    profile_steps: int = 0  # torch.profiler over this many steady steps (after 3 warm-up steps): profile/trace.json and a table of the top operations; 0 = off
+    memory_snapshot: bool = False  # CUDA: record every allocation's stack and write memory_snapshot.pickle at the end of training (pytorch.org/memory_viz); out of memory writes one regardless
 
     # pretraining
     mlm_probability: float = 0.15  # share of non-special tokens to predict per text (80% [MASK], 10% random, 10% kept)
@@ -100,7 +103,8 @@ class Config:
         for name, low in (("n_train", 0), ("n_test", 0), ("num_workers", 0), ("log_every", 0),
                           ("save_every", 0), ("keep_last", 0), ("max_steps", 0), ("micro_batch_size", 0),
                           ("global_batch_size", 0),
-                          ("eval_every", 0), ("early_stopping_patience", 0)):
+                          ("eval_every", 0), ("early_stopping_patience", 0), ("monitor_every", 0),
+                          ("profile_steps", 0)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= {low}")
         for name in ("epochs", "grad_accum_steps", "eval_batch_size",
@@ -215,6 +219,7 @@ RESUME_SAFE_FIELDS = frozenset({
     "resume", "output_dir", "overwrite", "num_workers", "log_every", "save_every", "keep_last",
     "eval_batch_size", "report_to", "max_bad_steps", "test_file", "n_test", "keep_freed_memory",
     "gradient_checkpointing",
+    "monitor_every", "profile_steps", "memory_snapshot",  # they watch the loop; the weights are the same
 })
 
 

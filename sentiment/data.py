@@ -17,6 +17,7 @@ import torch
 
 from sentiment.config import Config
 from sentiment.errors import DataError
+from sentiment.memory import PhasePeaks
 
 # LABEL_NAMES and check_split are also imported from here (model.py, scripts/split_data.py)
 from sentiment.rows import (LABEL_NAMES, check_split, check_two_classes, class_counts, first_bad_json_line,
@@ -229,8 +230,9 @@ class Splits:
     test: TokenizedSplit
 
 
-def load_splits(cfg: Config, tokenizer) -> Splits:
-    """Read, check, subsample and tokenize train / val / test as the config says."""
+def load_splits(cfg: Config, tokenizer, phases: PhasePeaks | None = None) -> Splits:
+    """Read, check, subsample and tokenize train / val / test as the config says; `phases` (train's memory per
+    phase) is told when tokenizing starts."""
     train = take(read_split(cfg, "train"), cfg.n_train, cfg.seed, "n_train")
     test = take(read_split(cfg, "test"), cfg.n_test, cfg.seed, "n_test")
     check_two_classes(np.asarray(train["label"]))
@@ -239,6 +241,8 @@ def load_splits(cfg: Config, tokenizer) -> Splits:
         train_idx, val_idx = stratified_split(np.asarray(train["label"]), cfg.val_fraction, cfg.seed)
         train, val = train.select(train_idx), train.select(val_idx)
         check_two_classes(np.asarray(train["label"]))
+    if phases:
+        phases.next("tokenize")
     tok = functools.partial(tokenize, tokenizer=tokenizer, max_length=cfg.max_length, truncation=cfg.truncation)
     return Splits(train=tok(train), val=tok(val) if val is not None else None, test=tok(test))
 

@@ -11,17 +11,16 @@ import contextlib
 import datetime
 import logging
 import os
-import random
-import resource
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sentiment import malloc
+from sentiment import memory as mem
+from sentiment import rng
 from sentiment.errors import ConfigError
 
 LOG = logging.getLogger("sentiment")
@@ -176,21 +175,32 @@ class Engine:
 
     def memory(self) -> dict[str, int | None]:
         """Bytes `free` (CUDA: cache released first; CPU: MemAvailable; MPS: None); CUDA's `allocated`, `peak`."""
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-            return {"free": torch.cuda.mem_get_info(self.device)[0], "allocated": torch.cuda.memory_allocated(
-                self.device), "peak": torch.cuda.max_memory_allocated(self.device)}
-        return {"free": malloc.mem_available() if self.device.type == "cpu" else None, "allocated": None, "peak": None}
+        return mem.device_memory(self.device)
 
     def reset_peak_memory(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        mem.reset_peak(self.device)
 
-    def peak_memory_mb(self) -> float:
-        """Peak allocated device memory on CUDA; peak resident set size of this process on CPU."""
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    def peak_memory_mb(self, earlier: tuple[float, ...] = ()) -> float:
+        """Peak allocated device memory on CUDA; peak resident set size of this process on CPU (or the largest
+        `earlier` peak of train's phases, see memory.PhasePeaks)."""
+        return mem.peak_mb(self.device, earlier)
+
+    def record_memory_history(self, on: bool = True) -> bool:
+        """CUDA: keep every allocation's stack from now on (until on=False), for write_memory_snapshot; False
+        elsewhere."""
+        return mem.record_history(self.device, on)
+
+    def write_memory_snapshot(self, path: Path) -> Path | None:
+        """CUDA: the allocator's snapshot at `path` (rank r > 0: NAME_rankR.pickle), for pytorch.org/memory_viz;
+        None elsewhere."""
+        path = path.with_stem(f"{path.stem}_rank{self.rank}") if self.rank else path
+        return mem.write_snapshot(self.device, path)
+
+    @property
+    def profiler_activities(self) -> list:
+        """What torch.profiler records here: the host's operators, and the GPU's kernels on CUDA."""
+        cuda = [torch.profiler.ProfilerActivity.CUDA] if self.device.type == "cuda" else []
+        return [torch.profiler.ProfilerActivity.CPU, *cuda]
 
     @property
     def device_name(self) -> str:
@@ -199,10 +209,7 @@ class Engine:
 
     def rng_state(self) -> dict:
         """Every RNG this process draws from: Python, NumPy, torch CPU and this process's CUDA device."""
-        state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state(self.device)
-        return state
+        return rng.rng_state(self.device)
 
     def seed_per_rank(self, seed: int) -> None:
         """Reseed torch with seed + rank once the model exists. Its weights were drawn alike on every rank (and DDP
@@ -221,24 +228,12 @@ class Engine:
         self.set_rng_state(states[self.rank % len(states)])
 
     def set_rng_state(self, state: dict) -> None:
-        random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
-        torch.set_rng_state(state["torch"])
-        if "cuda" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda"], self.device)
+        rng.set_rng_state(self.device, state)
 
     def close(self) -> None:
         """Tear down the process group (call on success and on error)."""
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices). Every rank uses the same seed, so the model's
-    random classifier head starts identical everywhere (DDP also broadcasts rank 0's weights)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -340,7 +335,7 @@ def setup_engine(device: str = "auto", precision: str = "auto", seed: int = 0,
         decisions.append(f"threads={threads} per rank (CPU cores split between local ranks)")
     if dev.type == "cpu":
         decisions.append(malloc.configure(keep_freed_memory))
-    seed_everything(seed)
+    rng.seed_everything(seed)
     decisions.append(f"seed={seed} (Python, NumPy and torch generators of this process)")
     engine = Engine(device=dev, precision=prec, rank=rank, local_rank=local_rank,
                     world_size=world_size, decisions=tuple(decisions))

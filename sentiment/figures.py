@@ -16,6 +16,7 @@ import numpy as np
 
 from sentiment.data import LABEL_NAMES
 from sentiment.errors import ConfigError
+from sentiment.heatmaps import plot_monitor
 
 if TYPE_CHECKING:  # matplotlib is optional: imported when a figure is drawn
     from matplotlib.figure import Figure
@@ -76,7 +77,7 @@ def plot_run(run_dir: str | Path, results: dict | None = None) -> list[Path]:
             fig.tight_layout()
             fig.savefig(out / name, dpi=110)
             written.append(out / name)
-    return written
+    return written + plot_monitor(Path(run_dir), out)  # with --monitor_every: layer x step heatmaps
 
 
 def best_eval(eval_rows: list[dict]) -> dict | None:

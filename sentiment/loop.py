@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -68,15 +69,20 @@ def too_many_bad_steps(bad_steps: int, step: int, out: Path) -> TrainingError:
 
 
 @contextlib.contextmanager
-def out_of_memory_is_an_error(micro_batch_size: int, max_length: int, global_batch: int):
-    """Out of device memory becomes one TrainingError line with the fix, instead of a traceback."""
+def out_of_memory_is_an_error(micro_batch_size: int, max_length: int, global_batch: int,
+                              write_snapshot: Callable[[], Path | None] | None = None):
+    """Out of device memory becomes one TrainingError line with the fix, instead of a traceback. First
+    `write_snapshot()` (engine.write_memory_snapshot: CUDA only, else None) saves what filled the memory, while the
+    failed step's tensors are still held: the line names the file and the viewer."""
     try:
         yield
     except torch.OutOfMemoryError:
+        snapshot = write_snapshot() if write_snapshot else None
         raise TrainingError(
             f"out of memory at micro_batch_size={micro_batch_size}, max_length={max_length}: pass {MEMORY_FIXES}; "
             f"or by hand lower --micro_batch_size and raise --grad_accum_steps to keep the global batch of "
-            f"{global_batch}") from None
+            f"{global_batch}" + (f". What filled the memory: drop {snapshot} on https://pytorch.org/memory_viz "
+                                 "(--memory_snapshot true adds each allocation's stack)" if snapshot else "")) from None
 
 
 # SIGTERM: a scheduler's preemption (SLURM, Kubernetes); SIGINT: Ctrl-C; SIGHUP: the terminal or ssh session closed

@@ -29,6 +29,7 @@ from sentiment.loop import StopRequest, out_of_memory_is_an_error
 from sentiment.mlm_data import (EVAL_EPOCH, IGNORE, MaskedTexts, Masker, MLMCollator, read_unlabeled, split_texts,
                                 tokenize_texts)
 from sentiment.model import count_params, load_checked, load_mlm_model, use_family
+from sentiment.rundir import MEMORY_SNAPSHOT
 from sentiment.runlog import RunLog, check_report_to, environment
 from sentiment.train import Job, for_training, in_run_folder, print_header, run_facts, start_writing, steps
 
@@ -91,7 +92,9 @@ def run(cfg: Config, engine: Engine) -> dict:
               warmup_steps, dataset=functools.partial(MaskedTexts, train_split, masker), collate=collate,
               evaluate=(lambda m: (evaluate(m), None)) if val_split is not None else None,
               shown=("mlm_loss", "mlm_accuracy"))
-    with StopRequest(engine.print) as stop, out_of_memory_is_an_error(plan.micro, cfg.max_length, plan.global_batch), \
+    snapshot = functools.partial(engine.write_memory_snapshot, out / MEMORY_SNAPSHOT)  # on CUDA, if out of memory
+    with StopRequest(engine.print) as stop, out_of_memory_is_an_error(plan.micro, cfg.max_length, plan.global_batch,
+                                                                      snapshot), \
             RunLog(out, cfg, engine, raw_model, total_steps, progress.step) as log:
         last_eval = steps(cfg, engine, job, stop, log)
 

@@ -21,6 +21,8 @@ from sentiment.checkpoint import atomic_write
 from sentiment.data import LABEL_NAMES
 from sentiment.errors import ConfigError
 from sentiment.figures import FIGURES, PLOTS_DIR, best_eval, plot_run, read_run
+from sentiment.heatmaps import MONITOR_FIGURES, monitor_lines
+from sentiment.profiler import profile_lines
 
 TEXT_CHARS = 300  # characters of a misclassified review shown in report.md
 MISCLASSIFIED = "## Misclassified test reviews"
@@ -80,7 +82,7 @@ def read_misclassified(report_md: Path) -> list[dict] | None:
 
 def _write_report(run: Path, misclassified: list[dict] | None, results: dict | None,
                   figures: list[Path] | None) -> Path:
-    _, eval_rows, on_disk, config = read_run(run)
+    train_rows, eval_rows, on_disk, config = read_run(run)
     results = results or on_disk or {}
     best = best_eval(eval_rows) if results.get("best_val_accuracy") is not None else None
     model = f"the selected model (best val accuracy, step {best['step']})" if best else "the final model"
@@ -93,9 +95,10 @@ def _write_report(run: Path, misclassified: list[dict] | None, results: dict | N
         lines += ["matplotlib is not installed, so no figures were drawn. `pip install matplotlib`, then "
                   f"`sentiment plot {run}` draws them into `{run / PLOTS_DIR}` and rewrites this report.", ""]
     for path in figures or []:
-        lines += [f"![{FIGURES.get(path.name, path.stem)}]({PLOTS_DIR}/{path.name})", ""]
+        lines += [f"![{({**FIGURES, **MONITOR_FIGURES}).get(path.name, path.stem)}]({PLOTS_DIR}/{path.name})", ""]
     if config.get("report_to") == "tensorboard":
         lines += [f"The same scalars are in TensorBoard: `tensorboard --logdir {run / 'tensorboard'}`.", ""]
+    lines += [*monitor_lines(run, train_rows), *profile_lines(run)]  # with --monitor_every, --profile_steps
     lines += [MISCLASSIFIED, "", *_misclassified_lines(misclassified, model)]
     lines += ["## Config", "", "```json", json.dumps(config, indent=2), "```", ""]
     path = run / "report.md"

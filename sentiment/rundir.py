@@ -27,8 +27,12 @@ from sentiment.errors import CheckpointError, ConfigError
 MARKER = ckpt.RUN_MARKER  # .sentiment-run.json
 LOCK = ".sentiment-run.lock"
 OURS = (MARKER, LOCK)  # with their temp files (".<name>.tmp"): what an empty folder may already hold
+MONITOR_FILE = "monitor.jsonl"  # --monitor_every's rows
+PROFILE_DIR = "profile"  # --profile_steps' trace and summary
+MEMORY_SNAPSHOT = "memory_snapshot.pickle"  # CUDA: the allocator's state, for pytorch.org/memory_viz
 RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "report.md", ckpt.CHECKPOINT_DIR, "model",
-             "tensorboard", "plots")  # what a run writes; --overwrite removes exactly these, in our folders only
+             "tensorboard", "plots", MONITOR_FILE, PROFILE_DIR,
+             MEMORY_SNAPSHOT)  # what a run writes; --overwrite removes exactly these, in our folders only
 
 
 @dataclass(frozen=True)
@@ -164,7 +168,8 @@ def start_writing(folder: RunFolder, run_id: str, resumed_at: int | None, config
     """A run's first writes (rank 0): continuing, cut metrics.jsonl back to the checkpoint's step; replacing
     a run, delete its files; then the marker (from here on the folder is ours) and config.json."""
     if resumed_at is not None:
-        ckpt.truncate_metrics(folder.path / "metrics.jsonl", resumed_at)
+        for rows in ("metrics.jsonl", MONITOR_FILE):
+            ckpt.truncate_metrics(folder.path / rows, resumed_at)
     elif folder.state in ("started", "finished"):
         say(f"overwrite: deleting the run in {folder.path} and starting again")
         clear_run(folder.path)

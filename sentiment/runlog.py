@@ -21,6 +21,9 @@ from sentiment.config import Config
 from sentiment.engine import Engine
 from sentiment.errors import ConfigError
 from sentiment.model import count_params
+from sentiment.monitor import Monitor
+from sentiment.profiler import Profiler
+from sentiment.rundir import MEMORY_SNAPSHOT
 
 LOG = logging.getLogger("sentiment")  # every line a run prints; a notebook quiets it with LOG.setLevel(WARNING)
 
@@ -191,12 +194,13 @@ def steps_so_far(metrics: Path) -> tuple[int, float]:
 class RunLog:
     """One object for everything the loop reports: rows to metrics.jsonl (every step and evaluation) and
     TensorBoard on rank 0, the fixed-format line every `log_every` steps, the progress bar, and the training
-    throughput for results.json. A `with` block: it closes its files and the bar however the loop ends."""
+    throughput for results.json; and what watches the loop when asked: `monitor` (per-layer norms), `profiler`
+    and the CUDA memory snapshot. A `with` block: it closes its files and the bar however the loop ends."""
 
     def __init__(self, out: Path, cfg: Config, engine: Engine, model, total_steps: int, start_step: int) -> None:
         self.out, self.cfg, self.engine = out, cfg, engine
         self.total_steps, self.start_step = total_steps, start_step
-        self.model_config, self.non_embedding = model.config, count_params(model)[1]
+        self.model, self.model_config, self.non_embedding = model, model.config, count_params(model)[1]
         self.peak = peak_flops(engine.device_name, engine.precision)
         self.train_samples, self.train_seconds = 0, 0.0
         self.file = self.tensorboard = self.bar = None
@@ -212,12 +216,25 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
             self.tensorboard = SummaryWriter(str(self.out / "tensorboard"))
             self.tensorboard.add_text("config", "\n".join(f"    {k} = {v!r}" for k, v in self.cfg.to_dict().items()))
+        # watching the loop, each off (and free) by default: per-layer norms, a profile, the allocator's history
+        self.monitor = Monitor(self.cfg.monitor_every, self.model, self.out, main, self.engine.print, self.tensorboard)
+        self.profiler = Profiler(self.cfg.profile_steps, self.start_step, self.out, self.engine, self.model)
+        if self.cfg.memory_snapshot:
+            recording = self.engine.record_memory_history()
+            self.engine.print(f"memory_snapshot: {'recording every allocation' if recording else 'CUDA only: off'}")
         self.engine.reset_peak_memory()
         self.started = time.perf_counter()  # the ETA extrapolates from this process's steps, evaluations included
         return self
 
     def __exit__(self, *exc) -> None:
         self.bar.close()
+        self.monitor.close()
+        self.profiler.close()
+        if self.cfg.memory_snapshot and exc[0] is None:  # on an error, out_of_memory_is_an_error writes it
+            path = self.engine.write_memory_snapshot(self.out / MEMORY_SNAPSHOT)
+            if path:
+                self.engine.print(f"memory_snapshot: {path}: drop it on https://pytorch.org/memory_viz")
+            self.engine.record_memory_history(on=False)
         if self.file:
             self.file.close()
         if self.tensorboard:

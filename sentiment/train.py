@@ -12,6 +12,7 @@ with `save_pretrained` and a model card.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
@@ -31,9 +32,11 @@ from sentiment.engine import Engine, setup_engine
 from sentiment.evaluate import evaluate
 from sentiment.loop import (StopRequest, ignore_stop_signals, is_bad, lr_at, out_of_memory_is_an_error, set_lr,
                             step_totals, token_counts, too_many_bad_steps)
+from sentiment.memory import PhasePeaks
 from sentiment.model import (count_params, layer_decay_on, layer_lr_line, load_checked, load_model, param_groups,
                              use_family)
 from sentiment.report import misclassified, write_report
+from sentiment.rundir import MEMORY_SNAPSHOT
 from sentiment.runlog import (RunLog, StepClock, TimedBatches, check_report_to, console, environment, git_commit,
                               quiet_libraries)
 
@@ -79,12 +82,14 @@ def run(cfg: Config, engine: Engine) -> dict:
         return finished
     check_report_to(cfg)
     plan = fit.plan_batch(cfg, engine.world_size)  # micro x accum x world = the global batch, or a ConfigError
+    phases = PhasePeaks("load")  # this process's peak memory in each phase, for results.json
     tokenizer, model_config = load_checked(cfg.model_name_or_path, cfg.max_length, cfg.dropout)  # no weights yet
     family = use_family(model_config, cfg.attn_implementation, engine.flash_attention_unusable,
                         cfg.gradient_checkpointing)
 
     with engine.main_process_first():  # rank 0 tokenizes and fills the cache; the others read it
-        splits = load_splits(cfg, tokenizer)
+        splits = load_splits(cfg, tokenizer, phases)
+    phases.next("load")  # the model's weights
     fingerprint = ckpt.fingerprint(tokenizer, splits.train, splits.val, model_config)
     if resume:
         ckpt.check_fingerprint(resume, fingerprint, engine.print)
@@ -114,13 +119,17 @@ def run(cfg: Config, engine: Engine) -> dict:
               warmup_steps, dataset=lambda epoch: ReviewDataset(splits.train), collate=collate, eval_name=eval_name,
               evaluate=lambda m: evaluate(m, eval_split, engine, cfg.eval_batch_size, collate, desc=eval_name),
               select_best=has_val)
-    with StopRequest(engine.print) as stop, out_of_memory_is_an_error(plan.micro, cfg.max_length, global_batch), \
+    snapshot = functools.partial(engine.write_memory_snapshot, out / MEMORY_SNAPSHOT)  # on CUDA, if out of memory
+    with StopRequest(engine.print) as stop, out_of_memory_is_an_error(plan.micro, cfg.max_length, global_batch,
+                                                                      snapshot), \
             RunLog(out, cfg, engine, raw_model, total_steps, progress.step) as log:
+        phases.next("train")
         last_eval = steps(cfg, engine, job, stop, log)
 
         # ------------------------------------------------------------------------------ teardown
         stop.immediate = FINAL_EVAL_STOP  # training is over and checkpointed: a resume finishes the run
-        return finish(cfg, engine, model, tokenizer, splits, progress, last_eval, collate, log, env, started, plan)
+        return finish(cfg, engine, model, tokenizer, splits, progress, last_eval, collate, log, env, started, plan,
+                      phases)
 
 
 def for_training(cfg: Config, engine: Engine, model: torch.nn.Module) -> tuple:
@@ -204,18 +213,20 @@ def steps(cfg: Config, engine: Engine, job: Job, stop: StopRequest, log: RunLog)
             loss_sum = loss_sum + loss.detach()
 
         scaler.unscale_(optimizer)  # gradients back to their true scale before clipping (fp16 only)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
-        loss_value, norm_value, counts = step_totals(engine, loss_sum, grad_norm, counts)  # one host sync
-        clock.synced()
-        finite = math.isfinite(loss_value) and math.isfinite(norm_value)
-        if finite or scaler.is_enabled():
-            scaler.step(optimizer)  # fp16: skips the update itself when gradients overflowed
-        scale = scaler.get_scale() if scaler.is_enabled() else None
-        scaler.update()  # fp16: halves the scale after an overflow, grows it after 2000 clean steps
+        with log.monitor.update(step + 1):  # every monitor_every steps: per-layer gradients, then how far weights moved
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
+            loss_value, norm_value, counts = step_totals(engine, loss_sum, grad_norm, counts)  # one host sync
+            clock.synced()
+            finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+            if finite or scaler.is_enabled():
+                scaler.step(optimizer)  # fp16: skips the update itself when gradients overflowed
+            scale = scaler.get_scale() if scaler.is_enabled() else None
+            scaler.update()  # fp16: halves the scale after an overflow, grows it after 2000 clean steps
         optimizer.zero_grad(set_to_none=True)
 
         progress.step_done(bad=is_bad(loss_value, norm_value, scaler))
         log.step(step + 1, epoch + 1, loss_value, lr, norm_value, not finite, scale, counts, clock)
+        log.profiler.step()  # profile_steps: the trace's next step starts here
         if progress.bad_steps >= cfg.max_bad_steps:
             raise too_many_bad_steps(progress.bad_steps, step + 1, out)
 
@@ -278,20 +289,26 @@ def print_header(cfg: Config, engine: Engine, env: dict, model: torch.nn.Module,
         engine.print(line)
 
 
-def run_facts(engine: Engine, log: RunLog, plan: fit.BatchPlan, env: dict, started: float) -> dict:
-    """What results.json says of the run itself, besides its metrics: speed, batch, time, memory, where."""
+def run_facts(engine: Engine, log: RunLog, plan: fit.BatchPlan, env: dict, started: float,
+              rss_peaks: dict[str, float] | None = None) -> dict:
+    """What results.json says of the run itself, besides its metrics: speed, batch, time, memory (and this
+    process's peak memory per phase, `rss_peaks`, if measured), where."""
     return {"samples_per_second": log.samples_per_second, "train_seconds": log.train_seconds,
             "batch": {"global": plan.global_batch, "micro": plan.micro, "accum": plan.accum, "world": plan.world},
-            "runtime_s": time.perf_counter() - started, "peak_mem_mb": engine.peak_memory_mb(),
+            "runtime_s": time.perf_counter() - started,
+            "peak_mem_mb": engine.peak_memory_mb(tuple((rss_peaks or {}).values())),
+            **({"peak_rss_mb": rss_peaks} if rss_peaks else {}),
             "engine": list(engine.decisions), "environment": env, "model_dir": str(log.out / "model")}
 
 
 def finish(cfg: Config, engine: Engine, model, tokenizer, splits: Splits, progress: ckpt.Progress,
-           last_eval: tuple | None, collate, log: RunLog, env: dict, started: float, plan: fit.BatchPlan) -> dict:
+           last_eval: tuple | None, collate, log: RunLog, env: dict, started: float, plan: fit.BatchPlan,
+           phases: PhasePeaks) -> dict:
     """After the last step: load the best model (by validation accuracy; the last one without a validation
     split), evaluate it on test, save it, write the report and, last, results.json, which marks the run
     finished."""
     out, raw_model, has_val = Path(cfg.output_dir), engine.unwrap(model), splits.val is not None
+    phases.next("evaluate")
     if has_val and progress.best_step:
         best = ckpt.checkpoint_path(out, progress.best_step)
         raw_model.load_state_dict(ckpt.load_checkpoint(best)["model"])
@@ -305,7 +322,7 @@ def finish(cfg: Config, engine: Engine, model, tokenizer, splits: Splits, progre
                "best_step": progress.best_step if has_val else None, "steps": progress.step,
                "n_reviews": {"train": len(splits.train), "val": len(splits.val) if has_val else 0,
                              "test": len(splits.test)},
-               **run_facts(engine, log, plan, env, started)}
+               **run_facts(engine, log, plan, env, started, phases.done())}
     if engine.is_main:
         ckpt.save_model(raw_model, tokenizer, out / "model",
                         {ckpt.TRAINING_CONFIG: json.dumps(cfg.to_dict(), indent=2) + "\n",

@@ -24,6 +24,7 @@ from conftest import AUDIT_HOOK, REPO, audited_folders, cli_args, read_metrics, 
 from sentiment.config import Config
 from sentiment.data import eval_batches
 from sentiment.commands import evaluate_model
+from sentiment.heatmaps import read_monitor
 from sentiment.train import train
 
 N_TEST = 47  # odd: not divisible by the world size nor by the eval batch
@@ -32,7 +33,8 @@ N_TEST = 47  # odd: not divisible by the world size nor by the eval batch
 def settings(model_dir: Path, data_dir: Path, output_dir: Path, **overrides) -> dict:
     values = dict(model_name_or_path=str(model_dir), data_dir=str(data_dir), n_train=81, n_test=N_TEST,
                   eval_batch_size=16, max_length=64, epochs=2, micro_batch_size=16, lr=3e-3, dropout=0.0,
-                  device="cpu", precision="fp32", output_dir=str(output_dir), log_every=0)
+                  device="cpu", precision="fp32", output_dir=str(output_dir), log_every=0,
+                  monitor_every=3)  # the per-layer monitor watches every run: it must change no weight
     return {**values, **overrides}
 
 
@@ -96,6 +98,19 @@ def test_two_processes_match_one_process_and_accumulation(ddp_run, single_runs):
     # the global batch and the schedule are printed, the same however the batch is split
     assert ("batch: global 16 = micro 8 x accum 1 x world 2 | 6 steps/epoch x 2 epochs = 12 steps"
             in ddp_run["console"][0, "stdout"])
+
+
+def test_the_monitor_sees_the_same_figures_on_two_processes(ddp_run, single_runs):
+    """Per-layer gradient norms read after DDP's all-reduce, weights the same on every rank: the monitor's figures
+    on 2 processes x micro 8 are those of 1 process x 16 and of 1 x 8 x accumulation 2, to float rounding."""
+    rows = {name: read_monitor(run) for name, run in {**single_runs, "c": ddp_run["run"]}.items()}
+    assert [r["step"] for r in rows["a"]] == [3, 6, 9, 12]
+    for name in ("b", "c"):
+        assert [r["step"] for r in rows[name]] == [3, 6, 9, 12]
+        for a, other in zip(rows["a"], rows[name]):
+            for key in ("grad_norm", "weight_norm", "update_ratio"):
+                np.testing.assert_allclose(other[key], a[key], rtol=1e-4,
+                                           err_msg=f"run ({name}) {key}, step {a['step']}")
 
 
 def test_ddp_evaluation_counts_each_example_once_and_matches_one_process(ddp_run, tiny_dirs):

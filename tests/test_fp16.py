@@ -57,7 +57,8 @@ def train_with(cfg: Config, init_scale: float = 2.0**16, growth_interval: int = 
 
 def is_timing(key: str) -> bool:
     """Fields that measure the machine, not the math (as in test_resume.py)."""
-    return key.endswith(("_ms", "_s", "_seconds", "_per_second")) or key in ("peak_mem_mb", "mfu", "environment")
+    return key.endswith(("_ms", "_s", "_seconds", "_per_second")) or key in ("peak_mem_mb", "peak_rss_mb", "mfu",
+                                                                             "environment")
 
 
 def rows(out: Path) -> list[dict]:

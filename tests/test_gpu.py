@@ -19,6 +19,7 @@ import io
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -209,5 +210,17 @@ def test_out_of_memory_is_one_error_line_with_the_fix(tmp_path):
     # the probe saw it coming: the header warned, with the same fixes, before the first step
     assert "activations over the device's memory at micro 4096 x 512 tokens (probe)" in proc.stdout, proc.stdout[-3000:]
     assert "warning: this run will not fit in cuda:0 memory" in proc.stdout, proc.stdout[-3000:]
-    assert expected in proc.stderr.splitlines(), proc.stderr[-3000:]
+    # ... and the line names the allocator's snapshot, written while the failed step's tensors were still held
+    snapshot = tmp_path / "run" / "memory_snapshot.pickle"
+    assert (f"{expected}. What filled the memory: drop {snapshot} on https://pytorch.org/memory_viz "
+            "(--memory_snapshot true adds each allocation's stack)") in proc.stderr.splitlines(), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    with snapshot.open("rb") as f:
+        assert pickle.load(f)["segments"], "the snapshot holds no memory segment"
+
+
+def test_memory_snapshot_on_request_holds_the_allocations_stacks(tiny_config, tmp_path):
+    train(tiny_config(device="cuda", epochs=1, memory_snapshot=True))
+    with (tmp_path / "run" / "memory_snapshot.pickle").open("rb") as f:
+        snapshot = pickle.load(f)
+    assert snapshot["segments"] and any(trace for trace in snapshot["device_traces"]), "no allocation history"

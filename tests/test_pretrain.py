@@ -16,6 +16,7 @@ from sentiment.cli import main
 from sentiment.config import Config
 from sentiment.errors import ConfigError
 from sentiment.fit import PROBE_LIMIT_ENV
+from sentiment.heatmaps import read_monitor
 from sentiment.mlm_data import IGNORE, MaskedTexts, Masker, MLMCollator, read_unlabeled, tokenize_texts
 from sentiment.model import load_model
 from sentiment.pretrain import pretrain
@@ -144,16 +145,23 @@ def test_pretrain_writes_model_and_metrics_and_learns(mlm_config, tmp_path, caps
 
 def test_sigterm_then_resume_equals_an_uninterrupted_run(mlm_config, tmp_path):
     """A real SIGTERM at step 5 (of 2 x 9, accumulating 2 micro-batches), then --resume auto: the same metrics
-    and bitwise the same final weights as a run never stopped."""
-    reference = mlm_config(epochs=2, micro_batch_size=4, grad_accum_steps=2, output_dir=str(tmp_path / "ref"))
+    and bitwise the same final weights as a run never stopped. Both monitored (every 2 steps): the monitor's rows
+    of the masked LM (its `cls` head included) are the same too, the cut run's cut back to its checkpoint."""
+    reference = mlm_config(epochs=2, micro_batch_size=4, grad_accum_steps=2, output_dir=str(tmp_path / "ref"),
+                           monitor_every=2)
     pretrain(reference)
-    cfg = mlm_config(epochs=2, micro_batch_size=4, grad_accum_steps=2, output_dir=str(tmp_path / "cut"))
+    cfg = mlm_config(epochs=2, micro_batch_size=4, grad_accum_steps=2, output_dir=str(tmp_path / "cut"),
+                     monitor_every=2)
     assert sigterm_at_step(Path(cfg.output_dir), 5, lambda: pretrain(cfg)) == 143
-    pretrain(mlm_config(epochs=2, micro_batch_size=4, grad_accum_steps=2, output_dir=cfg.output_dir, resume="auto"))
+    pretrain(mlm_config(epochs=2, micro_batch_size=4, grad_accum_steps=2, output_dir=cfg.output_dir, resume="auto",
+                        monitor_every=2))
     a, b = saved_weights(tmp_path / "ref"), saved_weights(tmp_path / "cut")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith(("_ms", "_s", "mem_mb"))} for r in rows]  # noqa
     assert strip(metrics_rows(tmp_path / "ref")) == strip(metrics_rows(tmp_path / "cut"))
+    monitored = strip(read_monitor(tmp_path / "ref"))
+    assert [r["step"] for r in monitored] == list(range(2, 19, 2)) and monitored[0]["layers"][-1] == "cls"
+    assert strip(read_monitor(tmp_path / "cut")) == monitored
 
 
 def test_accumulation_equals_one_big_batch(mlm_config, tmp_path, monkeypatch):

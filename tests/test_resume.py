@@ -37,8 +37,8 @@ from sentiment.train import train
 
 def is_timing(key: str) -> bool:
     """Fields that measure the machine, not the math, or say where the run is: they differ between any two runs."""
-    return key.endswith(("_ms", "_s", "_seconds", "_per_second")) or key in ("peak_mem_mb", "mfu", "environment",
-                                                                             "model_dir")
+    return key.endswith(("_ms", "_s", "_seconds", "_per_second")) or key in ("peak_mem_mb", "peak_rss_mb", "mfu",
+                                                                             "environment", "model_dir")
 
 
 # 64 reviews, micro-batch 8, 3 epochs: 8 steps per epoch, 24 steps, an evaluation at steps 8, 16, 24
