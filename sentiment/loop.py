@@ -134,7 +134,7 @@ class StopRequest:
         """After the checkpoint of `step`: say how to go on, and exit as the signal asked (143 or 130)."""
         self.say(f"stopped by {self.signal_name or 'another rank'} after step {step}; "
                   f"checkpoint written. Resume with the same flags plus --resume auto")
-        raise SystemExit(128 + signal.Signals[self.signal_name].value if self.signal_name else 143)
+        raise SystemExit(128 + signal.Signals[self.signal_name].value if self.signal_name else 130)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():

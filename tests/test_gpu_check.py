@@ -5,6 +5,7 @@ on a carry folder that gpu_prepare.py filled, as the GPU machine gets it."""
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -127,7 +128,8 @@ def test_dry_run_of_every_step_on_a_prepared_carry_folder(tmp_path):
         assert f" {name} | ok | " in table
     assert "unpacked from" in table and (work / "minilm" / "model.safetensors").is_file()
     figures = {r["step"]: r["figures"] for r in report["steps"]}
-    assert "8 skipped" in figures["test-gpu"]["pytest"]  # no CUDA here
+    line = figures["test-gpu"]["pytest"]  # no CUDA here: every gpu test skips, none fails
+    assert re.match(r"\d+ skipped", line) and not re.search(r"failed|error", line), line
     assert figures["doctor"]["ok"] is True
     assert 0 <= figures["full"]["accuracy"] <= 1 and figures["pretrain"]["steps"] >= 10
     assert figures["pretrain"]["epochs"] > 0
