@@ -28,7 +28,7 @@ DATASET_ALIASES = {"imdb": "stanfordnlp/imdb"}  # the tutorial's bare id; the hu
 class Config:
     # data
     dataset: str = "stanfordnlp/imdb"  # hub dataset name ("imdb" is an alias); unused when a local source is given
-    train_file: str = ""  # local parquet/CSV/JSONL with `text` and `label` columns (overrides `dataset`)
+    train_file: str = ""  # local parquet/CSV/JSONL with a text and a label column (overrides `dataset`)
     test_file: str = ""  # local file for the test split, same format
     data_dir: str = ""  # an extracted aclImdb folder, or a folder holding train.* and test.* files
     text_column: str = "text"  # the column holding each text, in files and hub datasets

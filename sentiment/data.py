@@ -233,9 +233,9 @@ class Splits:
     names: tuple[str, ...]  # the class of label id i is names[i]
 
 
-def load_splits(cfg: Config, tokenizer, data: Labeled | None = None) -> Splits:
-    """Read (unless `data` is given), check, subsample, split off validation and tokenize as the config says."""
-    data = data or read_labeled(cfg)
+def load_splits(cfg: Config, tokenizer) -> Splits:
+    """Read, check, subsample, split off validation and tokenize as the config says."""
+    data = read_labeled(cfg)
     train, val = data.train, None
     labels.check_every_class(np.asarray(train["label"]), data.names)
     if cfg.val_fraction > 0:
