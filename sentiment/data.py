@@ -107,9 +107,12 @@ def read_hub(dataset_id: str, split: str):
 
     try:
         return datasets.load_dataset(dataset_id, split=split)
-    except Exception as e:  # noqa: BLE001 - network, auth and missing-repo errors all land here
+    except Exception as e:  # noqa: BLE001 - network, auth, missing-repo and unknown-split errors all land here
+        reason = str(e).splitlines()[0] if str(e) else ""  # the library's: "Unknown split "x". Should be one of [...]"
+        fix = ("name its splits with --train_split and --test_split" if "split" in reason.lower()
+               else "offline, pass --train_file/--test_file or --data_dir")
         raise DataError(f"could not load {dataset_id!r} split {split!r} from the Hugging Face hub "
-                        f"({type(e).__name__}); offline, pass --train_file/--test_file or --data_dir") from None
+                        f"({type(e).__name__}{': ' + reason if reason else ''}); {fix}") from None
 
 
 def read_split(cfg: Config, split: str, names: tuple[str, ...] | None = None,
@@ -210,22 +213,6 @@ def tokenize(ds, tokenizer, max_length: int, truncation: str) -> TokenizedSplit:
 
 
 @dataclass(frozen=True)
-class Labeled:
-    """Train and test reviews as read and subsampled: datasets with `text` and `label` (a ClassLabel of names)."""
-    train: object  # datasets.Dataset
-    test: object
-    names: tuple[str, ...]  # the classes, in id order: the training data's (or --label_names), test's too
-
-
-def read_labeled(cfg: Config) -> Labeled:
-    """Read and check train, then test against train's classes, and draw the configured subsets."""
-    train = read_split(cfg, "train")
-    names = tuple(train.features["label"].names)
-    test = read_split(cfg, "test", names, "--label_names" if cfg.label_names else "the training data's labels")
-    return Labeled(take(train, cfg.n_train, cfg.seed, "n_train"), take(test, cfg.n_test, cfg.seed, "n_test"), names)
-
-
-@dataclass(frozen=True)
 class Splits:
     train: TokenizedSplit
     val: TokenizedSplit | None  # None when val_fraction == 0
@@ -234,16 +221,18 @@ class Splits:
 
 
 def load_splits(cfg: Config, tokenizer) -> Splits:
-    """Read, check, subsample, split off validation and tokenize as the config says."""
-    data = read_labeled(cfg)
-    train, val = data.train, None
-    labels.check_every_class(np.asarray(train["label"]), data.names)
+    """Read and check train, then test against train's classes; subsample, split off validation and tokenize."""
+    train, val = take(read_split(cfg, "train"), cfg.n_train, cfg.seed, "n_train"), None
+    names = tuple(train.features["label"].names)  # the classes: --label_names, else all the training data's
+    whose = "--label_names" if cfg.label_names else "the training data's labels"
+    test = take(read_split(cfg, "test", names, whose), cfg.n_test, cfg.seed, "n_test")
+    labels.check_every_class(np.asarray(train["label"]), names)
     if cfg.val_fraction > 0:
-        train_idx, val_idx = labels.stratified_split(np.asarray(train["label"]), cfg.val_fraction, cfg.seed, data.names)
+        train_idx, val_idx = labels.stratified_split(np.asarray(train["label"]), cfg.val_fraction, cfg.seed, names)
         train, val = train.select(train_idx), train.select(val_idx)
-        labels.check_every_class(np.asarray(train["label"]), data.names)
+        labels.check_every_class(np.asarray(train["label"]), names)
     tok = functools.partial(tokenize, tokenizer=tokenizer, max_length=cfg.max_length, truncation=cfg.truncation)
-    return Splits(tok(train), tok(val) if val is not None else None, tok(data.test), data.names)
+    return Splits(tok(train), tok(val) if val is not None else None, tok(test), names)
 
 
 # ----------------------------------------------------------------------------- batches

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sentiment.errors import DataError
+from sentiment.errors import DataError, ModelError
 from sentiment.rows import row_location
 
 SHOWN_NAMES = 12  # an error line lists at most this many class names
@@ -185,3 +185,14 @@ def recorded_names(metrics: dict) -> tuple[str, ...]:
 def model_names(config) -> tuple[str, ...]:
     """A classifier's class names in id order, from its config's id2label (what `sentiment train` saved)."""
     return tuple(str(config.id2label.get(i, i)) for i in range(config.num_labels))
+
+
+def check_head(config, names: tuple[str, ...], name: str) -> None:
+    """Refuse, before a run writes anything, to fine-tune a classifier (a checkpoint saved with a sequence
+    classification head, as `sentiment train` saves) on another number of classes: its head's weights have the
+    shape of its own classes, and loading them into a head for the data's would fail midway."""
+    classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or ())
+    if classifier and config.num_labels != len(names):
+        raise ModelError(f"{name} is a classifier of {config.num_labels} classes ({shown(model_names(config))}) and "
+                         f"the data has {len(names)} ({shown(names)}): its head cannot take them; start from the "
+                         "encoder it was fine-tuned from (its base model), which gets a new head")

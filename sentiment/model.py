@@ -56,11 +56,12 @@ def check_tokenizer(tokenizer, config, name: str) -> None:
 
 def load_model_config(name: str, dropout: float = -1.0, label_names: tuple[str, ...] | None = None):
     """The model's config (cheap: no weights), with the dropout asked for and, if given, the classes of the data
-    (label_names in id order: num_labels, id2label, label2id; None keeps the model's own, as evaluate and predict
-    want): enough to check the tokenizer and max_length before any data is tokenized."""
+    (label_names in id order: id2label, label2id and so num_labels; None keeps the model's own, as evaluate and
+    predict want): enough to check the tokenizer and max_length before any data is tokenized."""
     from transformers import AutoConfig
 
-    labels = {} if label_names is None else {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
+    # num_labels follows id2label (passing both warns when the checkpoint's own id2label is of another length)
+    labels = {} if label_names is None else {"id2label": dict(enumerate(label_names)),
                                              "label2id": {n: i for i, n in enumerate(label_names)}}
     try:
         config = AutoConfig.from_pretrained(name, **labels)

@@ -29,7 +29,7 @@ from sentiment.config import Config
 from sentiment.data import ReviewDataset, Splits, collator, global_batches, load_splits, micro_batches
 from sentiment.engine import Engine, setup_engine
 from sentiment.evaluate import evaluate, f1_key
-from sentiment.labels import class_counts
+from sentiment.labels import check_head, class_counts
 from sentiment.loop import (StopRequest, ignore_stop_signals, is_bad, lr_at, out_of_memory_is_an_error, set_lr,
                             step_totals, token_counts, too_many_bad_steps)
 from sentiment.model import (count_params, layer_decay_on, layer_lr_line, load_checked, load_model, load_model_config,
@@ -75,10 +75,11 @@ def run(cfg: Config, engine: Engine) -> dict:
         return finished
     check_report_to(cfg)
     plan = fit.plan_batch(cfg, engine.world_size)  # micro x accum x world = the global batch, or a ConfigError
-    tokenizer, _ = load_checked(cfg.model_name_or_path, cfg.max_length, cfg.dropout)  # no weights yet
+    tokenizer, own_config = load_checked(cfg.model_name_or_path, cfg.max_length, cfg.dropout)  # no weights yet
 
     with engine.main_process_first():  # rank 0 tokenizes and fills the cache; the others read it
         splits = load_splits(cfg, tokenizer)
+    check_head(own_config, splits.names, cfg.model_name_or_path)
     # the classifier's classes are the data's (--label_names, else the training data's): id2label in the saved model
     model_config = load_model_config(cfg.model_name_or_path, cfg.dropout, splits.names)
     fingerprint = ckpt.fingerprint(tokenizer, splits.train, splits.val)

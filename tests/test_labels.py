@@ -8,7 +8,7 @@ import pytest
 from conftest import ROWS, write_rows
 
 from sentiment.config import Config
-from sentiment.data import IMDB_LABELS, load_splits, read_labeled, read_split
+from sentiment.data import IMDB_LABELS, load_splits, read_split
 from sentiment.errors import ConfigError, DataError
 from sentiment.evaluate import compute_metrics, f1_key
 from sentiment.labels import (as_class, check_every_class, class_counts, encode, names_from_data, parse_names,
@@ -149,9 +149,10 @@ def test_class_label_names_decide_the_class_not_the_stored_index(tmp_path):
     stored = [0, 0, 1, 0, 1, 1]
     write_class_label(tmp_path / "train.parquet", stored, ["pos", "neg"])
     write_class_label(tmp_path / "test.parquet", stored, ["neg", "pos"])  # the same integers, the other names
-    data = read_labeled(Config(data_dir=str(tmp_path), n_train=0, n_test=0, max_length=16))
-    assert data.names == ("pos", "neg") and data.train["label"] == stored
-    assert data.test["label"] == [1, 1, 0, 1, 0, 0]  # test's neg is the model's class 1
+    splits = load_splits(Config(data_dir=str(tmp_path), n_train=0, n_test=0, max_length=16), make_tokenizer())
+    assert splits.names == ("pos", "neg")  # the training data's ClassLabel order
+    assert splits.train.labels[np.argsort(splits.train.texts)].tolist() == stored
+    assert splits.test.labels[np.argsort(splits.test.texts)].tolist() == [1, 1, 0, 1, 0, 0]  # test's neg: class 1
 
 
 def test_a_test_label_the_training_data_lacks_is_refused(tmp_path):
@@ -160,11 +161,11 @@ def test_a_test_label_the_training_data_lacks_is_refused(tmp_path):
     with pytest.raises(DataError, match=rf"^{tmp_path / 'test.csv'} line 3: label 'neutral' is not one of the "
                                         r"training data's labels \(neg, pos\); a model cannot predict a class it never "
                                         r"saw: drop these rows, or add the class to the training data$"):
-        read_labeled(Config(data_dir=str(tmp_path)))
+        load_splits(Config(data_dir=str(tmp_path), n_train=0, n_test=0, max_length=16), make_tokenizer())
     write_rows(tmp_path / "test.csv", rows_of([0, 1, 2]))  # integers: indices into the training data's 2 classes
     with pytest.raises(DataError, match=r"test\.csv line 4: label 2 is not a class index of the training data's "
                                         r"labels \(0\.\.1: neg, pos\)"):
-        read_labeled(Config(data_dir=str(tmp_path)))
+        load_splits(Config(data_dir=str(tmp_path), n_train=0, n_test=0, max_length=16), make_tokenizer())
 
 
 def test_every_class_needs_a_training_review(tmp_path):
