@@ -200,3 +200,22 @@ def test_a_hub_dataset_with_its_own_splits_and_columns(tiny_dirs, tmp_path):
                     make_tokenizer())
     with pytest.raises(DataError, match=r"hub_like has no column 'text'; its columns are sentence, stars"):
         read_split(Config(dataset=str(folder), label_column="stars"), "train")
+
+
+def test_split_data_carves_a_stratified_test_file_over_n_classes(tmp_path, capsys):
+    import pandas as pd
+    from conftest import load_script
+
+    counts = {"mid": 20, "high": 10, "low": 10, "lowest": 5, "highest": 5}  # imbalanced, 50 in all
+    rows = [r for i, (name, n) in enumerate(counts.items()) for r in reviews([name], n, i, "review", "sentiment")]
+    source = write_rows(tmp_path / "all.csv", rows)
+    split = load_script("split_data").main
+    args = ["--input", str(source), "--text_column", "review", "--label_column", "sentiment", "--test_fraction", "0.2"]
+    assert split([*args, "--output_dir", str(tmp_path / "a")]) == 0
+    assert "a/test.parquet: 10 reviews (high: 2, highest: 1, low: 2, lowest: 1, mid: 4)" in capsys.readouterr().out
+    train, test = (pd.read_parquet(tmp_path / "a" / f"{part}.parquet") for part in ("train", "test"))
+    assert list(test.columns) == ["text", "label"] and len(train) + len(test) == 50
+    assert test["label"].value_counts().to_dict() == {"mid": 4, "high": 2, "low": 2, "highest": 1, "lowest": 1}
+    assert set(train["text"]) | set(test["text"]) == {r["review"] for r in rows}  # the labels kept as they were
+    assert split([*args, "--output_dir", str(tmp_path / "b")]) == 0  # the same seed: the same split
+    assert pd.read_parquet(tmp_path / "b" / "test.parquet").equals(test)
