@@ -75,7 +75,7 @@ def card_body(cfg: dict, results: dict, base_model: str) -> str:
         *(f"| {k} | {v} |" for k, v in recipe(cfg, results)), "", "## Results", "",
         f"On {test['n']} test reviews with {selected(results)}:", "", *metrics_table(test, names), "",
         "## Intended use and limitations", "",
-        f"- English movie reviews, {task} ({len(names)} classes): every text gets one of {', '.join(names)}; there "
+        f"- English movie reviews, {len(names)} classes: every text gets one of {', '.join(names)}; there "
         "is no other label (no neutral one, unless it is among them).",
         "- Support is each class's count among the test reviews: a class with few reviews has less reliable "
         "figures, and an imbalanced training set biases the model towards its large classes.",
