@@ -175,7 +175,8 @@ def make_parser(command: str) -> argparse.ArgumentParser:
     if command == "predict":
         parser.add_argument("texts", nargs="*", help="review texts to classify, each in quotes")
         parser.add_argument("--input", default="", metavar="FILE", help="reviews to classify instead: a parquet/CSV/"
-                            "JSONL file with a text column (--text_column), a .txt file with one review per line, or - for stdin")
+                            "JSONL file with a text column (--text_column), a .txt file with one review per line, "
+                            "or - for stdin")
     if command in ("predict", "evaluate"):
         what = ("predictions: .jsonl or .csv, a row per review in input order (label, prob_NAME per class)"
                 if command == "predict" else "the metrics as a JSON file")

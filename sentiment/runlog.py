@@ -271,9 +271,8 @@ class RunLog:
         """The test metrics, to TensorBoard with the config as hyperparameters (its HPARAMS tab compares runs)."""
         if self.tensorboard:
             hparams = {k: v for k, v in self.cfg.to_dict().items() if isinstance(v, (bool, int, float, str))}
-            self.tensorboard.add_hparams(hparams, {f"test/{k}": results[k] for k in ("accuracy", "f1", "macro_f1", "loss")
-                                                   if k in results},
-                                         run_name=".", global_step=results["steps"])
+            metrics = {f"test/{k}": results[k] for k in ("accuracy", "f1", "macro_f1", "loss") if k in results}
+            self.tensorboard.add_hparams(hparams, metrics, run_name=".", global_step=results["steps"])
 
     @property
     def samples_per_second(self) -> float | None:
