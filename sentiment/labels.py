@@ -15,6 +15,8 @@ A test label outside the set is refused: a model cannot predict a class it never
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from sentiment.errors import DataError, ModelError
@@ -67,7 +69,7 @@ def as_class(value, class_names: list[str] | None = None) -> str | int | None:
 
 def _order(texts: set[str]) -> tuple[str, ...]:
     """Text classes sorted: numerically when every one is a whole number ("2" before "10"), else as text."""
-    if all(t.lstrip("-").isdigit() for t in texts):
+    if all(re.fullmatch(r"-?[0-9]+", t) for t in texts):
         return tuple(sorted(texts, key=int))
     return tuple(sorted(texts))
 
