@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, 
 
 from sentiment.checkpoint import write_json  # noqa: E402
 
-METRICS = ("accuracy", "f1", "precision", "recall", "loss", "best_val_accuracy")  # as named in results.json
+METRICS = ("accuracy", "f1", "macro_f1", "precision", "recall", "loss", "best_val_accuracy")  # as named in results.json
 OWN_FLAGS = ("--seed", "--output_dir")  # this script sets them, per seed
 
 

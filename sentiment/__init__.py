@@ -10,7 +10,7 @@ The Python API is the command line's: the same Config, the same runs, the same f
     print(results["accuracy"], results["model_dir"])  # what results.json holds, and where the model is
     trained = Config(model_name_or_path="runs/notebook", data_dir="runs/imdb_split")  # a run folder works
     print(evaluate(trained)["f1"])  # the metrics of `sentiment evaluate`
-    print(predict(trained, ["A wonderful film.", "Two hours I will not get back."]))  # label, prob_neg, prob_pos
+    print(predict(trained, ["A wonderful film.", "Two hours I will not get back."]))  # label, prob_NAME per class
     logging.getLogger("sentiment").setLevel(logging.WARNING)  # quiet: the run's lines go through logging
 
 `sentiment.train`, `sentiment.evaluate` and `sentiment.predict` are these functions; the modules of the same

@@ -8,10 +8,12 @@ import os
 import re
 
 from sentiment.config import DATASET_ALIASES
-from sentiment.rows import LABEL_NAMES
+from sentiment.labels import recorded_names
+from sentiment.report import metrics_table
 
 CODE_LICENSE = "MIT"  # setup.cfg: the license of this training code, not of the weights it produces
-METRICS = ("accuracy", "f1", "precision", "recall")
+METRICS = ("accuracy", "f1", "precision", "recall")  # binary; more classes: accuracy and macro_f1
+METRIC_NAMES = {"f1": "F1 (pos)", "macro_f1": "F1 (macro)"}
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # `name` or `owner/name`, as the hub spells repo ids
 
 
@@ -34,11 +36,14 @@ def card_data(cfg: dict, results: dict, base_model: str):
     """The YAML metadata, base model and datasets only where they are hub ids, test metrics as model-index."""
     from huggingface_hub import EvalResult, ModelCardData
 
-    test_set = hub_datasets(cfg)["test"]
+    test_set, metrics = hub_datasets(cfg)["test"], METRICS if "f1" in results["test"] else ("accuracy", "macro_f1")
+    names = recorded_names(results)
     evals = [EvalResult(task_type="text-classification", task_name="Sentiment analysis", dataset_split="test",
                         dataset_type=test_set or "local", dataset_name=test_set or "local files (see the card)",
-                        metric_type=m, metric_value=results["test"][m], metric_name="F1 (pos)" if m == "f1" else m)
-             for m in METRICS]
+                        metric_type="f1" if m == "macro_f1" else m, metric_value=results["test"][m],
+                        metric_name=f"F1 ({names[1]})" if m == "f1" else METRIC_NAMES.get(m, m),
+                        metric_args={"average": "macro"} if m == "macro_f1" else None)
+             for m in metrics]
     # a hub id unless it names a local folder, which transformers would have loaded instead
     hub = base_model if HUB_ID.fullmatch(base_model) and not os.path.isdir(base_model) else None
     name = hub.split("/")[-1] if hub else "-".join(base_model.rstrip("/").split("/")[-2:])
@@ -46,7 +51,8 @@ def card_data(cfg: dict, results: dict, base_model: str):
     return ModelCardData(license="unknown", language="en", library_name="transformers",
                          pipeline_tag="text-classification", base_model=hub, tags=["sentiment-analysis"],
                          datasets=sorted({d for d in hub_datasets(cfg).values() if d}) or None,
-                         metrics=list(METRICS), model_name=f"{name}-sentiment", eval_results=evals)
+                         metrics=sorted({e.metric_type for e in evals}), model_name=f"{name}-sentiment",
+                         eval_results=evals)
 
 
 def selected(results: dict) -> str:
@@ -58,20 +64,21 @@ def selected(results: dict) -> str:
 
 def card_body(cfg: dict, results: dict, base_model: str) -> str:
     """The Markdown below the metadata: what it is, data, recipe, metrics, intended use, how to load it."""
-    test, ml, trunc = results["test"], cfg["max_length"], cfg["truncation"]
+    test, ml, trunc, names = results["test"], cfg["max_length"], cfg["truncation"], recorded_names(results)
+    task = "binary" if len(names) == 2 else f"{len(names)}-class"
     return "\n".join([
         f"# Movie-review sentiment classifier fine-tuned from `{base_model}`", "",
-        f"`{base_model}` fine-tuned for binary sentiment classification ({' / '.join(LABEL_NAMES)}) of English "
+        f"`{base_model}` fine-tuned for {task} sentiment classification ({' / '.join(names)}) of English "
         f"IMDb-style movie reviews with the plain-PyTorch loop of `sentiment` (code license {CODE_LICENSE}). The "
         "weights inherit the base model's license, which the run does not record: see the base model's card.", "",
         "## Data", "", *data_lines(cfg, results), "", "## Training", "", "| setting | value |", "|---|---|",
         *(f"| {k} | {v} |" for k, v in recipe(cfg, results)), "", "## Results", "",
-        f"On {test['n']} test reviews with {selected(results)}:", "",
-        "| accuracy | F1 (pos) | precision | recall | loss |", "|---|---|---|---|---|",
-        f"| {test['accuracy']:.4f} | {test['f1']:.4f} | {test['precision']:.4f} | {test['recall']:.4f} "
-        f"| {test['loss']:.4f} |", "",
+        f"On {test['n']} test reviews with {selected(results)}:", "", *metrics_table(test, names), "",
         "## Intended use and limitations", "",
-        "- English movie reviews, two classes: there is no neutral label, every text gets neg or pos.",
+        f"- English movie reviews, {len(names)} classes: every text gets one of {', '.join(names)}; there "
+        "is no other label (no neutral one, unless it is among them).",
+        "- Support is each class's count among the test reviews: a class with few reviews has less reliable "
+        "figures, and an imbalanced training set biases the model towards its large classes.",
         "- Other domains (products, social media, other languages) need an evaluation of their own first.",
         f"- Reviews longer than {ml} tokens are truncated (`{trunc}`): the model does not read the rest.",
         "- The figures above hold for this test set; IMDb reviews carry the biases of their writers.", "",

@@ -22,12 +22,13 @@ from sentiment.runlog import LOG, console
 
 # The Config fields each command reads (train reads them all); a command lists no flag it ignores, and
 # adding a field to a command is adding its name here.
-EVALUATE_FIELDS = ("model_name_or_path", "attn_implementation", "dataset", "test_file", "data_dir", "n_test",
-                   "max_length", "truncation", "padding", "eval_batch_size", "device", "precision", "compile", "seed",
-                   "keep_freed_memory", "overwrite")
-PREDICT_FIELDS = ("model_name_or_path", "attn_implementation", "max_length", "truncation", "padding",
+EVALUATE_FIELDS = ("model_name_or_path", "attn_implementation", "dataset", "test_file", "data_dir", "text_column",
+                   "label_column", "test_split", "n_test", "max_length", "truncation", "padding", "eval_batch_size",
+                   "device", "precision", "compile", "seed", "keep_freed_memory", "overwrite")
+PREDICT_FIELDS = ("model_name_or_path", "attn_implementation", "text_column", "max_length", "truncation", "padding",
                   "eval_batch_size", "device", "precision", "compile", "keep_freed_memory", "overwrite")
-TRAIN_ONLY = ("test_file", "n_train", "n_test", "val_fraction", "layer_lr_decay", "early_stopping_patience")
+TRAIN_ONLY = ("test_file", "label_column", "label_names", "test_split", "n_train", "n_test", "val_fraction",
+              "layer_lr_decay", "early_stopping_patience")
 PRETRAIN_ONLY = ("mlm_probability", "whole_word_masking", "mlm_val_fraction")
 COMMAND_FIELDS = {"train": tuple(f.name for f in fields(Config) if f.name not in PRETRAIN_ONLY),
                   "pretrain": tuple(f.name for f in fields(Config) if f.name not in TRAIN_ONLY),
@@ -104,16 +105,17 @@ examples:
   sentiment pretrain --model_name_or_path runs/tiny/model --train_file texts.txt --max_length 64 \\
       --whole_word_masking --max_steps 100 --output_dir runs/tiny/mlm""",
     "evaluate": """\
-Measure a trained model on the test split: prints loss, accuracy, precision, recall, F1 and the
-confusion matrix as JSON on stdout (and into --output). It reads reviews with the max_length and
-truncation the model was trained with, unless you pass others.
+Measure a trained model on the test split: prints loss, accuracy, macro-F1, per-class precision,
+recall, F1 and support, and the confusion matrix as JSON on stdout (and into --output). It reads
+reviews with the max_length and truncation the model was trained with, unless you pass others, and
+the test labels as the model names its classes.
 
 examples:
   sentiment evaluate --model_name_or_path runs/latest      # the tutorial's 500 IMDb test reviews
   sentiment evaluate --model_name_or_path runs/minilm --data_dir runs/imdb_split --n_test 0 --output eval.json""",
     "predict": """\
-Classify reviews with a trained model: one line per review on stdout (label neg/pos, its probability,
-the text), or a .jsonl/.csv file with --output. Messages go to stderr.
+Classify reviews with a trained model: one line per review on stdout (the label, as the model names its
+classes, its probability, the text), or a .jsonl/.csv file with --output. Messages go to stderr.
 
 examples:
   sentiment predict --model_name_or_path runs/latest "Loved it." "Dreadful."
@@ -188,9 +190,10 @@ def make_parser(command: str) -> argparse.ArgumentParser:
     if command == "predict":
         parser.add_argument("texts", nargs="*", help="review texts to classify, each in quotes")
         parser.add_argument("--input", default="", metavar="FILE", help="reviews to classify instead: a parquet/CSV/"
-                            "JSONL file with a `text` column, a .txt file with one review per line, or - for stdin")
+                            "JSONL file with a text column (--text_column), a .txt file with one review per line, "
+                            "or - for stdin")
     if command in ("predict", "evaluate"):
-        what = ("predictions, a row per review in input order (label, prob_neg, prob_pos), as the suffix says: "
+        what = ("predictions, a row per review in input order (label, prob_NAME per class), as the suffix says: "
                 ".jsonl, .csv, .tsv or .parquet; - = JSON lines on stdout" if command == "predict"
                 else "the metrics as a .json file (- = stdout only)")
         parser.add_argument("--output", default="", metavar="FILE", help=f"write {what}. Checked before any work: "

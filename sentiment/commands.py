@@ -20,10 +20,11 @@ from pathlib import Path
 from sentiment import rundir
 from sentiment.checkpoint import TRAINING_CONFIG, atomic_write, write_json
 from sentiment.config import Config
-from sentiment.data import LABEL_NAMES, collator, read_file, read_split, take, tokenize
+from sentiment.data import collator, read_file, read_split, take, tokenize
 from sentiment.engine import Engine, setup_engine
 from sentiment.errors import ConfigError, DataError, ModelError
 from sentiment.evaluate import evaluate, predict_probs
+from sentiment.labels import model_names
 from sentiment.model import load_checked, load_model, use_family
 from sentiment.rows import is_blank
 from sentiment.runlog import LOG, console, quiet_libraries
@@ -60,13 +61,14 @@ def with_recorded_settings(cfg: Config, model_dir: str) -> Config:
 
 
 def load_for_inference(cfg: Config, engine: Engine):
-    """(cfg, model, tokenizer, collate) for the trained model at cfg.model_name_or_path, on the engine's device."""
+    """(cfg, model, tokenizer, collate, class names) for the trained model at cfg.model_name_or_path, on the
+    engine's device; the names are the model's own (id2label)."""
     name = model_folder(cfg.model_name_or_path)
     cfg = with_recorded_settings(cfg, name)
     tokenizer, config = load_checked(name, cfg.max_length)
     engine.print(use_family(config, cfg.attn_implementation, engine.flash_attention_unusable))
     model = engine.wrap(load_model(name, config=config, trained_head=True), compile=cfg.compile, inference=True)
-    return cfg, model, tokenizer, collator(cfg, tokenizer.pad_token_id)
+    return cfg, model, tokenizer, collator(cfg, tokenizer.pad_token_id), model_names(config)
 
 
 PREDICTION_FORMATS = (".jsonl", ".csv", ".tsv", ".parquet")  # predict --output, by suffix; - = JSON lines on stdout
@@ -111,17 +113,18 @@ def inference_engine(cfg: Config):
 
 def evaluate_on(cfg: Config, engine: Engine) -> dict:
     """The metrics of the trained model at cfg.model_name_or_path on the configured test data."""
-    cfg, model, tokenizer, collate = load_for_inference(cfg, engine)
-    test = tokenize(take(read_split(cfg, "test"), cfg.n_test, cfg.seed, "n_test"), tokenizer, cfg.max_length,
-                    cfg.truncation)
+    cfg, model, tokenizer, collate, names = load_for_inference(cfg, engine)
+    test = tokenize(take(read_split(cfg, "test", names, "the model's labels"), cfg.n_test, cfg.seed, "n_test"),
+                    tokenizer, cfg.max_length, cfg.truncation)
     start = time.perf_counter()
-    metrics, _ = evaluate(model, test, engine, cfg.eval_batch_size, collate, desc="test")
+    metrics, _ = evaluate(model, test, engine, cfg.eval_batch_size, collate, desc="test", names=names)
     metrics["reviews_per_second"] = len(test) / (time.perf_counter() - start)
     return metrics
 
 
 def predict_on(cfg: Config, engine: Engine, texts: list[str]) -> list[dict]:
-    """{"label", "prob_neg", "prob_pos"} for each text, in order."""
+    """{"label": the most probable class's name, "prob_NAME": each class's probability} for each text, in order
+    (a neg/pos model: label, prob_neg, prob_pos)."""
     if not texts:
         raise DataError("predict got no texts; pass review texts, or --input FILE with a `text` column")
     empty = next((i for i, t in enumerate(texts) if is_blank(t)), None)
@@ -129,11 +132,12 @@ def predict_on(cfg: Config, engine: Engine, texts: list[str]) -> list[dict]:
         raise DataError(f"text {empty + 1} of {len(texts)} is empty; remove it or give it a review")
     import datasets  # here, not at the top: the CLI decides hub-offline before datasets is imported
 
-    cfg, model, tokenizer, collate = load_for_inference(cfg, engine)
+    cfg, model, tokenizer, collate, names = load_for_inference(cfg, engine)
     split = tokenize(datasets.Dataset.from_dict({"text": texts, "label": [0] * len(texts)}), tokenizer,
                      cfg.max_length, cfg.truncation)
     probs, _ = predict_probs(model, split, engine, cfg.eval_batch_size, collate, desc="predict")
-    return [{"label": LABEL_NAMES[int(p.argmax())], "prob_neg": float(p[0]), "prob_pos": float(p[1])} for p in probs]
+    return [{"label": names[int(p.argmax())], **{f"prob_{name}": float(q) for name, q in zip(names, p)}}
+            for p in probs]
 
 
 def evaluate_model(cfg: Config) -> dict:
@@ -143,7 +147,7 @@ def evaluate_model(cfg: Config) -> dict:
 
 
 def predict(cfg: Config, texts: list[str]) -> list[dict]:
-    """The Python API of `sentiment predict`: {"label", "prob_neg", "prob_pos"} for each text, in order."""
+    """The Python API of `sentiment predict`: {"label", "prob_NAME" per class} for each text, in order."""
     with inference_engine(cfg) as engine:
         return predict_on(cfg, engine, texts)
 
@@ -161,20 +165,24 @@ def evaluate_command(cfg: Config, output: str = "") -> dict:
     return metrics
 
 
-def read_texts(source: str) -> list[str]:
-    """Review texts from `-` (stdin, one per line), a .txt file (one per line), or a parquet/CSV/JSONL file
-    with a `text` column."""
+def read_texts(source: str, column: str = "text") -> list[str]:
+    """Review texts from `-` (stdin, one per line), a .txt file (one per line), or a parquet/CSV/JSONL file's
+    `column` (--text_column)."""
     if source == "-" or source.endswith(".txt"):
         try:
             lines = (sys.stdin.read() if source == "-" else Path(source).read_text()).splitlines()
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(f"cannot read {source} ({e}); pass a UTF-8 text file, one review per line") from None
         return [line for line in lines if not is_blank(line)]
-    ds = read_file(source)
-    if "text" not in ds.column_names:
-        raise DataError(f"{source} has no `text` column (columns: {', '.join(ds.column_names)}); rename the "
-                        "review column to text")
-    return ["" if t is None else str(t) for t in ds["text"]]  # a missing text is an empty one: refused
+    return column_texts(read_file(source), source, column)
+
+
+def column_texts(ds, source: str, column: str) -> list[str]:
+    """The texts of a dataset's `column` (--text_column), a missing one as "" (then refused as empty)."""
+    if column not in ds.column_names:
+        raise DataError(f"{source} has no column {column!r}; its columns are {', '.join(ds.column_names)}: name the "
+                        "text column with --text_column")
+    return ["" if t is None else str(t) for t in ds[column]]
 
 
 def write_predictions(rows: list[dict], output: str) -> None:
@@ -208,7 +216,7 @@ def predict_command(cfg: Config, texts: list[str], input: str = "", output: str 
     if bool(texts) == bool(input):
         raise ConfigError("predict takes review texts as arguments or --input FILE (- for stdin), not both or neither")
     check_output(output, PREDICTION_FORMATS, cfg)
-    texts = texts or read_texts(input)
+    texts = texts or read_texts(input, cfg.text_column)
     with inference_engine(cfg) as engine:
         rows = predict_on(cfg, engine, texts)
         if engine.is_main and output:
@@ -217,5 +225,5 @@ def predict_command(cfg: Config, texts: list[str], input: str = "", output: str 
                 LOG.info(f"{len(rows)} predictions written to {output}")
         elif engine.is_main:
             for row, text in zip(rows, texts):
-                sys.stdout.write(f"{row['label']}\t{max(row['prob_neg'], row['prob_pos']):.4f}\t{text[:80]}\n")
+                sys.stdout.write(f"{row['label']}\t{row['prob_' + row['label']]:.4f}\t{text[:80]}\n")
     return rows

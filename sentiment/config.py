@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass, fields
 
 from sentiment.errors import ConfigError
+from sentiment.labels import parse_names
 
 TRUNCATIONS = ("head", "tail", "head_tail")
 PADDINGS = ("dynamic", "max_length")
@@ -29,9 +30,14 @@ DATASET_ALIASES = {"imdb": "stanfordnlp/imdb"}  # the tutorial's bare id; the hu
 class Config:
     # data
     dataset: str = "stanfordnlp/imdb"  # hub dataset name ("imdb" is an alias); unused when a local source is given
-    train_file: str = ""  # local parquet/CSV/JSONL with `text` and `label` columns (overrides `dataset`)
+    train_file: str = ""  # local parquet/CSV/JSONL with a text and a label column (overrides `dataset`)
     test_file: str = ""  # local file for the test split, same format
     data_dir: str = ""  # an extracted aclImdb folder, or a folder holding train.* and test.* files
+    text_column: str = "text"  # the column holding each text, in files and hub datasets
+    label_column: str = "label"  # the column holding each label: integers 0..N-1, names, or a ClassLabel
+    label_names: str = ""  # the classes in id order, comma-separated (neg,pos); integer labels index it; "" = from the training data
+    train_split: str = "train"  # the hub dataset's split to train on (and to hold validation out of)
+    test_split: str = "test"  # the hub dataset's split to test on (e.g. validation, where test has no labels)
     n_train: int = 1000  # reviews drawn from train (shuffled with `seed`, as the tutorial does); 0 = all
     n_test: int = 500  # reviews drawn from test, likewise; 0 = all
     val_fraction: float = 0.0  # share of the n_train reviews held out (stratified) for model selection; 0 = off
@@ -144,7 +150,22 @@ class Config:
                               "(e.g. 0.1) or leave early_stopping_patience at 0")
         if not self.output_dir:
             raise ConfigError("output_dir must not be empty")
+        self._check_data()
         self._check_batch()
+
+    def _check_data(self) -> None:
+        """The columns and class names asked for: the label column is not the text one, the names parse."""
+        for name in ("text_column", "label_column", "train_split", "test_split"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"{name} must not be empty")
+        if self.text_column == self.label_column:
+            raise ConfigError(f"text_column and label_column are both {self.text_column!r}; the labels are "
+                              "another column (--label_column)")
+        try:
+            parse_names(self.label_names)
+        except ValueError as e:
+            raise ConfigError(f"label_names={self.label_names!r} {e}; give 2 or more distinct names, comma-"
+                              "separated (e.g. neg,pos), or \"\" to take them from the data") from None
 
     def _check_batch(self) -> None:
         """What the world size does not change (fit.plan_batch checks the rest once it is known)."""
@@ -217,7 +238,7 @@ def field_types() -> dict[str, type]:
 # family with it on and gets the run without it, bitwise): a run short of memory may resume with it.
 RESUME_SAFE_FIELDS = frozenset({
     "resume", "output_dir", "overwrite", "num_workers", "log_every", "save_every", "keep_last",
-    "eval_batch_size", "report_to", "max_bad_steps", "test_file", "n_test", "keep_freed_memory",
+    "eval_batch_size", "report_to", "max_bad_steps", "test_file", "n_test", "keep_freed_memory", "test_split",
     "gradient_checkpointing",
     "monitor_every", "profile_steps", "memory_snapshot",  # they watch the loop; the weights are the same
 })

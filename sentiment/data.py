@@ -1,8 +1,8 @@
-"""IMDb reviews from the hub or local files, to tokenized splits, to batches.
+"""Labeled reviews from the hub or local files, to tokenized splits, to batches.
 
-Reading (hub, parquet/CSV/JSONL, an aclImdb folder), checking, subsampling as the tutorial
-does, a stratified validation split, truncation strategies, cached tokenization with
-`datasets.map`, length-grouped global batches, and the dynamic-padding collate function.
+Reading (hub, parquet/CSV/JSONL, an aclImdb folder), checking, the labels as class ids (labels.py),
+subsampling as the tutorial does, a stratified validation split, truncation strategies, cached
+tokenization with `datasets.map`, length-grouped global batches, and the dynamic-padding collate function.
 No device moves and no dtype choices here: that is engine.py's job.
 """
 
@@ -19,13 +19,13 @@ from sentiment.config import Config
 from sentiment.errors import DataError
 from sentiment.memory import PhasePeaks
 
-# LABEL_NAMES and check_split are also imported from here (model.py, scripts/split_data.py)
-from sentiment.rows import (LABEL_NAMES, check_split, check_two_classes, class_counts, first_bad_json_line,
-                            is_blank)
+from sentiment import labels
+from sentiment.rows import check_split, first_bad_json_line, is_blank  # check_split: also imported from here (split_data.py)
 
 FILE_READERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
 HEAD_TOKENS = 128  # head_tail keeps this many leading tokens (Sun et al. 2019, "How to Fine-Tune BERT")
 MEGA_BATCH = 50  # length grouping sorts within windows of 50 global batches: random, yet little padding
+IMDB_LABELS = ("neg", "pos")  # IMDb's classes 0 and 1: aclImdb's folder names, and the names 0/1 labels get
 
 
 # ----------------------------------------------------------------------------- reading
@@ -65,14 +65,14 @@ def read_file(path: str):
         datasets.logging.set_verbosity(verbosity)
 
 
-def read_acl_imdb(folder: Path, split: str, names: tuple[str, ...] = LABEL_NAMES):
+def read_acl_imdb(folder: Path, split: str, names: tuple[str, ...] = IMDB_LABELS):
     """The original aclImdb layout: SPLIT/pos/*.txt and SPLIT/neg/*.txt, one review per file (pretrain also
     reads train/unsup/*.txt, labeled -1)."""
     import datasets
 
     texts, labels = [], []
     for name in names:
-        label = LABEL_NAMES.index(name) if name in LABEL_NAMES else -1
+        label = IMDB_LABELS.index(name) if name in IMDB_LABELS else -1
         for f in sorted((folder / split / name).glob("*.txt")):
             try:
                 texts.append(f.read_text(encoding="utf-8"))
@@ -111,13 +111,19 @@ def read_hub(dataset_id: str, split: str):
 
     try:
         return datasets.load_dataset(dataset_id, split=split)
-    except Exception as e:  # noqa: BLE001 - network, auth and missing-repo errors all land here
+    except Exception as e:  # noqa: BLE001 - network, auth, missing-repo and unknown-split errors all land here
+        reason = str(e).splitlines()[0] if str(e) else ""  # the library's: "Unknown split "x". Should be one of [...]"
+        fix = ("name its splits with --train_split and --test_split" if "split" in reason.lower()
+               else "offline, pass --train_file/--test_file or --data_dir")
         raise DataError(f"could not load {dataset_id!r} split {split!r} from the Hugging Face hub "
-                        f"({type(e).__name__}); offline, pass --train_file/--test_file or --data_dir") from None
+                        f"({type(e).__name__}{': ' + reason if reason else ''}); {fix}") from None
 
 
-def read_split(cfg: Config, split: str):
-    """The raw `train` or `test` split from whichever source the config names."""
+def read_split(cfg: Config, split: str, names: tuple[str, ...] | None = None,
+               whose: str = "the training data's labels"):
+    """The `train` or `test` split from whichever source the config names, as `text` and `label`: each label the
+    id of its class in `names` (from `whose`, for errors), in a ClassLabel of them. names=None: --label_names,
+    else the split's own label set (labels.py's rules)."""
     source = cfg.train_file if split == "train" else cfg.test_file  # the file read, for line numbers in errors
     if source:
         ds = read_file(source)
@@ -129,8 +135,11 @@ def read_split(cfg: Config, split: str):
                         "(../shared-style folders have only train: carve a test file with scripts/split_data.py)")
     else:
         source = cfg.dataset_id
-        ds = read_hub(source, split)
-    return check_split(ds, source)
+        ds = read_hub(source, cfg.train_split if split == "train" else cfg.test_split)
+    ds = check_split(ds, source, cfg.text_column, cfg.label_column)
+    given = labels.parse_names(cfg.label_names)
+    return labels.as_ids(ds, source, names or given or None, "--label_names" if given and not names else whose,
+                         IMDB_LABELS)
 
 
 # ----------------------------------------------------------------------------- subsets
@@ -144,22 +153,6 @@ def take(ds, n: int, seed: int, what: str):
         raise DataError(f"--{what} {n} is larger than the {len(ds)} reviews available; "
                         f"use --{what} {len(ds)} or 0 for all")
     return ds.shuffle(seed=seed).select(range(n))
-
-
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train_idx, val_idx): a seeded split that keeps the label balance in both parts."""
-    from sklearn.model_selection import train_test_split
-
-    idx = np.arange(len(labels))
-    n_val = int(round(fraction * len(labels)))
-    if n_val < 2 or len(labels) - n_val < 2:
-        raise DataError(f"val_fraction={fraction} of {len(labels)} reviews leaves too few for a split; "
-                        "raise n_train or val_fraction")
-    if np.bincount(labels, minlength=2).min() < 2:  # sklearn's stratify needs 2 per class, else a traceback
-        raise DataError(f"val_fraction={fraction}: a stratified split needs at least 2 reviews of each class, "
-                        f"got {class_counts(labels)}; raise --n_train or set --val_fraction 0")
-    train_idx, val_idx = train_test_split(idx, test_size=n_val, stratify=labels, random_state=seed)
-    return np.sort(train_idx), np.sort(val_idx)
 
 
 # ----------------------------------------------------------------------------- tokens
@@ -228,23 +221,25 @@ class Splits:
     train: TokenizedSplit
     val: TokenizedSplit | None  # None when val_fraction == 0
     test: TokenizedSplit
+    names: tuple[str, ...]  # the class of label id i is names[i]
 
 
 def load_splits(cfg: Config, tokenizer, phases: PhasePeaks | None = None) -> Splits:
-    """Read, check, subsample and tokenize train / val / test as the config says; `phases` (train's memory per
-    phase) is told when tokenizing starts."""
-    train = take(read_split(cfg, "train"), cfg.n_train, cfg.seed, "n_train")
-    test = take(read_split(cfg, "test"), cfg.n_test, cfg.seed, "n_test")
-    check_two_classes(np.asarray(train["label"]))
-    val = None
+    """Read and check train, then test against train's classes; subsample, split off validation and tokenize;
+    `phases` (train's memory per phase) is told when tokenizing starts."""
+    train, val = take(read_split(cfg, "train"), cfg.n_train, cfg.seed, "n_train"), None
+    names = tuple(train.features["label"].names)  # the classes: --label_names, else all the training data's
+    whose = "--label_names" if cfg.label_names else "the training data's labels"
+    test = take(read_split(cfg, "test", names, whose), cfg.n_test, cfg.seed, "n_test")
+    labels.check_every_class(np.asarray(train["label"]), names)
     if cfg.val_fraction > 0:
-        train_idx, val_idx = stratified_split(np.asarray(train["label"]), cfg.val_fraction, cfg.seed)
+        train_idx, val_idx = labels.stratified_split(np.asarray(train["label"]), cfg.val_fraction, cfg.seed, names)
         train, val = train.select(train_idx), train.select(val_idx)
-        check_two_classes(np.asarray(train["label"]))
+        labels.check_every_class(np.asarray(train["label"]), names)
     if phases:
         phases.next("tokenize")
     tok = functools.partial(tokenize, tokenizer=tokenizer, max_length=cfg.max_length, truncation=cfg.truncation)
-    return Splits(train=tok(train), val=tok(val) if val is not None else None, test=tok(test))
+    return Splits(tok(train), tok(val) if val is not None else None, tok(test), names)
 
 
 # ----------------------------------------------------------------------------- batches

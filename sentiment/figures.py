@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sentiment.data import LABEL_NAMES
 from sentiment.errors import ConfigError
 from sentiment.heatmaps import plot_monitor
+from sentiment.labels import recorded_names
 
 if TYPE_CHECKING:  # matplotlib is optional: imported when a figure is drawn
     from matplotlib.figure import Figure
@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # matplotlib is optional: imported when a figure is drawn
 PLOTS_DIR = "plots"
 FIGURES = {  # file name: what it shows, in the order report.md embeds them
     "loss.png": "training loss per optimizer step, evaluation loss, epoch ends",
-    "accuracy.png": "evaluation accuracy and F1, and the selected model's step",
+    "accuracy.png": "evaluation accuracy and F1 (macro-F1 beyond two classes), and the selected model's step",
     "lr.png": "learning rate schedule",
     "grad_norm.png": "gradient norm before clipping (and the fp16 loss scale)",
     "throughput.png": "samples/s and real tokens/s, and where each step's time goes",
@@ -142,7 +142,9 @@ def _accuracy_figure(eval_rows: list[dict], results: dict | None, last: int) -> 
     ax = fig.add_subplot()
     es = [r["step"] for r in eval_rows]
     ax.plot(es, [r["accuracy"] for r in eval_rows], "o-", label=f"{eval_name} accuracy")
-    ax.plot(es, [r["f1"] for r in eval_rows], "s--", label=f"{eval_name} F1 (pos)")
+    names, f1 = recorded_names(results or eval_rows[-1]), "f1" if "f1" in eval_rows[-1] else "macro_f1"
+    ax.plot(es, [r[f1] for r in eval_rows], "s--",
+            label=f"{eval_name} F1 ({names[1]})" if f1 == "f1" else f"{eval_name} macro-F1")
     if best:
         ax.axvline(best["step"], color="tab:green", lw=1.5, alpha=0.6, label=f"selected model (step {best['step']})")
     if results:
@@ -222,16 +224,21 @@ def _throughput_figure(steps: np.ndarray, train_rows: list[dict], last: int) -> 
 
 
 def _confusion_figure(results: dict) -> Figure:
-    """The test confusion matrix, each cell with its count and its share of the true class."""
-    cm = np.array(results["confusion_matrix"])  # [[tn, fp], [fn, tp]]
-    fig = _figure(4.2, 3.8)
+    """The test confusion matrix (N x N: row = true class, column = predicted), each cell with its count and its
+    share of the true class; each class's support beside its name, so an imbalance shows."""
+    cm = np.array(results["confusion_matrix"])  # binary: [[tn, fp], [fn, tp]]
+    n, names = len(cm), recorded_names(results)
+    fig = _figure(max(4.2, 1.6 + 0.9 * n), max(3.8, 1.2 + 0.8 * n))  # ~0.9 in a cell: its two lines stay legible
     ax = fig.add_subplot()
     ax.imshow(cm, cmap="Blues")
     row_share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    for i in range(2):
-        for j in range(2):
-            ax.text(j, i, f"{cm[i, j]}\n({row_share[i, j]:.0%})", ha="center", va="center",
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{cm[i, j]}\n({row_share[i, j]:.0%})", ha="center", va="center", fontsize=9 if n > 4 else 10,
                     color="white" if cm[i, j] > cm.max() / 2 else "black")
-    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=LABEL_NAMES, yticklabels=LABEL_NAMES,
-           xlabel="predicted", ylabel="true", title=f"Test confusion matrix (accuracy {results['accuracy']:.3f})")
+    ax.set(xticks=range(n), yticks=range(n), xticklabels=names, xlabel="predicted", ylabel="true (support)",
+           yticklabels=[f"{name} ({total})" for name, total in zip(names, cm.sum(axis=1))],
+           title=f"Test confusion matrix (accuracy {results['accuracy']:.3f})")
+    if n > 2:
+        ax.tick_params(axis="x", labelrotation=30)
     return fig

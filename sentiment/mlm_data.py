@@ -21,7 +21,7 @@ from sentiment.data import FILE_READERS, Collator, TokenizedSplit, data_dir_sour
 from sentiment.errors import DataError
 from sentiment.rows import is_blank, row_location
 
-HUB_SPLITS = {"stanfordnlp/imdb": ["train", "unsupervised"]}  # the hub splits to read per dataset; ["train"] else
+HUB_SPLITS = {"stanfordnlp/imdb": ["train", "unsupervised"]}  # the hub splits to read per dataset; --train_split else
 ACL_UNLABELED = ("neg", "pos", "unsup")  # aclImdb's train/ subfolders of texts
 EVAL_EPOCH = 2**32  # the masking key of evaluations: the same masks at every evaluation, comparable losses
 IGNORE = -100  # the label of a position not predicted (cross_entropy's ignore_index)
@@ -33,23 +33,24 @@ IGNORE = -100  # the label of a position not predicted (cross_entropy's ignore_i
 def read_unlabeled(cfg: Config) -> tuple[list[str], str]:
     """(texts, source): --train_file's texts; or --data_dir's train and unsupervised files (aclImdb: train/pos,
     neg and unsup), never its test split; or --dataset's train and unsupervised splits (IMDb's 75,000 texts)."""
-    from sentiment.commands import read_texts  # parquet/CSV/JSONL `text` column, or .txt one per line
+    from sentiment.commands import column_texts, read_texts  # a file's --text_column, or .txt one per line
 
     if cfg.train_file:
         if cfg.train_file.endswith(".txt") and not Path(cfg.train_file).is_file():
             raise DataError(f"data file {cfg.train_file} does not exist; check the path")
-        sources, texts = [cfg.train_file], read_texts(cfg.train_file)
+        sources, texts = [cfg.train_file], read_texts(cfg.train_file, cfg.text_column)
     elif cfg.data_dir:
         sources, texts = [], []
         for split in ("train", "unsupervised") if unsupervised_in(Path(cfg.data_dir)) else ("train",):
             source = data_dir_source(cfg.data_dir, split)
             sources.append(source)
-            texts += read_texts(source) if Path(source).is_file() else read_acl_imdb(Path(cfg.data_dir), "train",
-                                                                                     ACL_UNLABELED)["text"]
+            texts += (read_texts(source, cfg.text_column) if Path(source).is_file()
+                      else read_acl_imdb(Path(cfg.data_dir), "train", ACL_UNLABELED)["text"])
     else:
-        sources = [f"{cfg.dataset_id} ({', '.join(HUB_SPLITS.get(cfg.dataset_id, ['train']))})"]
-        texts = [t or "" for split in HUB_SPLITS.get(cfg.dataset_id, ["train"])
-                 for t in read_hub(cfg.dataset_id, split)["text"]]
+        splits = HUB_SPLITS.get(cfg.dataset_id, [cfg.train_split])
+        sources = [f"{cfg.dataset_id} ({', '.join(splits)})"]
+        texts = [t for split in splits for t in column_texts(read_hub(cfg.dataset_id, split), cfg.dataset_id,
+                                                             cfg.text_column)]
     source = " + ".join(sources)
     if not texts:
         raise DataError(f"{source} holds no texts; pass a file with at least one non-empty text")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from sentiment.data import LABEL_NAMES
 from sentiment.errors import ConfigError, ModelError
 from sentiment.families import FAMILIES, Family, classifier_class, family_of, submodule
 
@@ -64,15 +63,17 @@ def check_tokenizer(tokenizer, config, name: str) -> None:
                          "trained with, or resize the model's embeddings to the tokenizer and save it")
 
 
-def load_model_config(name: str, dropout: float = -1.0):
-    """The model's config (cheap: no weights), with 2 labels named neg/pos and the dropout asked for: enough
-    to check the tokenizer and max_length before any data is tokenized."""
+def load_model_config(name: str, dropout: float = -1.0, label_names: tuple[str, ...] | None = None):
+    """The model's config (cheap: no weights), with the dropout asked for and, if given, the classes of the data
+    (label_names in id order: id2label, label2id and so num_labels; None keeps the model's own, as evaluate and
+    predict want): enough to check the tokenizer and max_length before any data is tokenized."""
     from transformers import AutoConfig
 
+    # num_labels follows id2label (passing both warns when the checkpoint's own id2label is of another length)
+    labels = {} if label_names is None else {"id2label": dict(enumerate(label_names)),
+                                             "label2id": {n: i for i, n in enumerate(label_names)}}
     try:
-        config = AutoConfig.from_pretrained(
-            name, num_labels=2, id2label=dict(enumerate(LABEL_NAMES)),
-            label2id={n: i for i, n in enumerate(LABEL_NAMES)})
+        config = AutoConfig.from_pretrained(name, **labels)
     except Exception as e:  # noqa: BLE001
         raise _load_error(name, "model config", e) from None
     if dropout >= 0:
@@ -157,10 +158,11 @@ def load_mlm_model(name: str, config, gradient_checkpointing: bool = False) -> t
     return model, f"MLM head {head} | pooler {pooler}"
 
 
-def load_checked(name: str, max_length: int, dropout: float = -1.0):
-    """(tokenizer, model config) of `name`, with no weights loaded yet, after the checks that would otherwise fail
-    midway through a run: the tokenizer's special tokens and size, and max_length against the positions."""
-    tokenizer, config = load_tokenizer(name), load_model_config(name, dropout)
+def load_checked(name: str, max_length: int, dropout: float = -1.0, label_names: tuple[str, ...] | None = None):
+    """(tokenizer, model config with label_names' classes, see load_model_config) of `name`, with no weights loaded
+    yet, after the checks that would otherwise fail midway through a run: the tokenizer's special tokens and size,
+    and max_length against the positions."""
+    tokenizer, config = load_tokenizer(name), load_model_config(name, dropout, label_names)
     check_tokenizer(tokenizer, config, name)
     check_max_length(max_length, config)
     return tokenizer, config

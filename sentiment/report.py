@@ -18,10 +18,11 @@ import numpy as np
 
 from sentiment import rundir
 from sentiment.checkpoint import atomic_write
-from sentiment.data import LABEL_NAMES
 from sentiment.errors import ConfigError
+from sentiment.evaluate import f1_key
 from sentiment.figures import FIGURES, PLOTS_DIR, best_eval, plot_run, read_run
 from sentiment.heatmaps import MONITOR_FIGURES, monitor_lines
+from sentiment.labels import recorded_names
 from sentiment.profiler import profile_lines
 
 TEXT_CHARS = 300  # characters of a misclassified review shown in report.md
@@ -31,13 +32,17 @@ MISCLASSIFIED = "## Misclassified test reviews"
 # ----------------------------------------------------------------------------- report.md
 
 
-def misclassified(texts: list[str], labels: np.ndarray, probs: np.ndarray, k: int = 5) -> list[dict]:
-    """The k most confidently wrong predictions: {text (first TEXT_CHARS chars), label, p_pos}."""
-    labels = np.asarray(labels)
-    p_pos = np.asarray(probs)[:, 1]  # probs: (n, 2) of P(neg), P(pos)
-    wrong = np.flatnonzero((p_pos >= 0.5).astype(int) != labels)
-    worst = wrong[np.argsort(-np.abs(p_pos[wrong] - labels[wrong]), kind="stable")][:k]
-    return [{"text": _shorten(texts[i]), "label": int(labels[i]), "p_pos": float(p_pos[i])} for i in worst]
+def misclassified(texts: list[str], labels: np.ndarray, probs: np.ndarray, names: tuple[str, ...],
+                  k: int = 5) -> list[dict]:
+    """The k most confidently wrong predictions: {text (first TEXT_CHARS chars), label and predicted (class
+    names), p (the predicted class's probability)}. probs: (n, N), the classes named `names`."""
+    labels, probs = np.asarray(labels), np.asarray(probs)
+    predicted = probs.argmax(axis=1)
+    p = probs[np.arange(len(probs)), predicted]
+    wrong = np.flatnonzero(predicted != labels)
+    worst = wrong[np.argsort(-p[wrong], kind="stable")][:k]
+    return [{"text": _shorten(texts[i]), "label": names[labels[i]], "predicted": names[predicted[i]],
+             "p": float(p[i])} for i in worst]
 
 
 def _shorten(text: str) -> str:
@@ -70,14 +75,23 @@ def redraw(run_dir: str | Path) -> list[Path]:
 
 
 def read_misclassified(report_md: Path) -> list[dict] | None:
-    """A report.md's misclassified reviews as write_report had them (P(pos) to 3 decimals); None if missing."""
+    """A report.md's misclassified reviews as write_report had them (P to 3 decimals); None if missing."""
     md = report_md.read_text() if report_md.is_file() else ""
     section = md.partition(MISCLASSIFIED)[2].split("\n## ")[0]
-    items = re.findall(r"^\d+\. true \*\*(\w+)\*\*, P\(pos\) = ([\d.]+)\n\n   > (.*)$", section, flags=re.M)
+    items = re.findall(r"^\d+\. true \*\*(.+?)\*\*, predicted \*\*(.+?)\*\* \(P = ([\d.]+)\)\n\n   > (.*)$",
+                       section, flags=re.M)
     if not items and "None: every test review" not in section:
         return None
-    return [{"text": html.unescape(text.replace("\\|", "|")), "label": LABEL_NAMES.index(label),
-             "p_pos": float(p_pos)} for label, p_pos, text in items]
+    return [{"text": _unescape(text), "label": _unescape(label), "predicted": _unescape(predicted), "p": float(p)}
+            for label, predicted, p, text in items]
+
+
+def _escape(text: str) -> str:
+    return html.escape(text).replace("|", "\\|")  # a review or a class name cannot inject HTML or break a table
+
+
+def _unescape(text: str) -> str:
+    return html.unescape(text.replace("\\|", "|"))
 
 
 def _write_report(run: Path, misclassified: list[dict] | None, results: dict | None,
@@ -111,14 +125,14 @@ def _metrics_lines(results: dict, eval_rows: list[dict], model: str, best: dict 
     lines, test = ["## Final metrics", ""], results.get("test", {})
     if test:
         lines += [f"On {test.get('n', '?')} test reviews with {model}:", "",
-                  "| accuracy | F1 (pos) | precision | recall | loss |", "|---|---|---|---|---|",
-                  f"| {test['accuracy']:.4f} | {test['f1']:.4f} | {test['precision']:.4f} | {test['recall']:.4f} "
-                  f"| {test['loss']:.4f} |", ""]
+                  *metrics_table(test, recorded_names({**test, **results})), ""]
     if results.get("best_val_accuracy") is not None:
         lines.append(f"- best validation accuracy: {results['best_val_accuracy']:.4f}")
     for row in eval_rows:
+        f1 = f1_key(row)
         lines.append(f"- epoch {row['epoch']} (step {row['step']}), {row['split']}: accuracy {row['accuracy']:.4f}, "
-                     f"F1 {row['f1']:.4f}, loss {row['loss']:.4f}" + (" (selected)" if row is best else ""))
+                     f"{'F1' if f1 == 'f1' else 'macro-F1'} {row[f1]:.4f}, loss {row['loss']:.4f}"
+                     + (" (selected)" if row is best else ""))
     if results:
         speed = results["samples_per_second"]  # None when a resumed run had no steps left
         lines.append(f"- {results['steps']} optimizer steps, "
@@ -134,6 +148,20 @@ def _misclassified_lines(misclassified: list[dict] | None, model: str) -> list[s
         return ["None: every test review was classified correctly.", ""]
     lines = [f"The most confidently wrong test predictions of {model}, first {TEXT_CHARS} characters each:", ""]
     for i, ex in enumerate(misclassified, 1):
-        text = html.escape(ex["text"]).replace("|", "\\|")  # review text cannot inject HTML or break a table
-        lines += [f"{i}. true **{LABEL_NAMES[ex['label']]}**, P(pos) = {ex['p_pos']:.3f}", "", f"   > {text}", ""]
+        lines += [f"{i}. true **{_escape(ex['label'])}**, predicted **{_escape(ex['predicted'])}** (P = {ex['p']:.3f})",
+                  "", f"   > {_escape(ex['text'])}", ""]
+    return lines
+
+
+def metrics_table(test: dict, names: tuple[str, ...]) -> list[str]:
+    """Markdown tables of test metrics: accuracy, macro-F1 (a binary task's F1, precision and recall of its class 1
+    beside it) and loss; then each class's precision, recall, F1 and support, where an imbalance shows."""
+    keys = ["accuracy", "macro_f1", *(["f1", "precision", "recall"] if "f1" in test else []), "loss"]
+    heads = {"macro_f1": "macro-F1", "f1": f"F1 ({_escape(names[1])})" if len(names) > 1 else "F1"}
+    lines = ["| " + " | ".join(heads.get(k, k) for k in keys) + " |", "|" + "---|" * len(keys),
+             "| " + " | ".join(f"{test[k]:.4f}" if k in test else "-" for k in keys) + " |"]
+    if test.get("per_class"):
+        lines += ["", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|",
+                  *(f"| {_escape(name)} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | {m['support']} |"
+                    for name, m in test["per_class"].items())]
     return lines

@@ -1,8 +1,8 @@
 """Checking a split row by row, and saying where a bad row is.
 
-Text present; labels to 0/1 (ints, exact floats, booleans, neg/pos names, a `ClassLabel`'s names);
-two classes to train on. A bad row is named by its 1-based line for JSONL and CSV files (what an
-editor shows), by its 0-based row index for parquet, the hub and aclImdb folders.
+The text and label columns present, each text non-empty (labels.py reads the labels as classes). A bad
+row is named by its 1-based line for JSONL and CSV files (what an editor shows), by its 0-based row index
+for parquet, the hub and aclImdb folders.
 """
 
 from __future__ import annotations
@@ -12,12 +12,7 @@ import json
 import unicodedata
 from pathlib import Path
 
-import numpy as np
-
 from sentiment.errors import DataError
-
-LABEL_NAMES = ("neg", "pos")
-LABEL_SPELLINGS = (("neg", "negative", "0"), ("pos", "positive", "1"))  # case and spaces ignored
 
 
 def is_blank(text: str) -> bool:
@@ -26,91 +21,29 @@ def is_blank(text: str) -> bool:
     return all(c.isspace() or c == "\ufffd" or unicodedata.category(c) in ("Cc", "Cf") for c in text)
 
 
-# ----------------------------------------------------------------------------- labels
-
-
-def label_from_name(name: str) -> int | None:
-    """0 for neg/negative/0, 1 for pos/positive/1, else None."""
-    text = name.strip().lower()
-    for label, spellings in enumerate(LABEL_SPELLINGS):
-        if text in spellings:
-            return label
-    return None
-
-
-def class_label_ids(names: list[str], source: str) -> tuple[int, ...]:
-    """A `datasets.ClassLabel`'s class indices as 0/1, through its names: names ["pos", "neg"] store pos
-    as 0, so the stored integers taken as they are would flip every label."""
-    ids = tuple(label_from_name(name) for name in names)
-    unknown = [name for name, label in zip(names, ids) if label is None]
-    if unknown:
-        raise DataError(f"{source}: the label column is a ClassLabel with names {names}; "
-                        f"{', '.join(map(repr, unknown))} are not neg/pos (or negative/positive, 0/1); "
-                        "rename the classes or store the labels as 0/1")
-    return ids
-
-
-def normalize_label(value, class_ids: tuple[int, ...] | None = None) -> int | None:
-    """0/1 from 0/1 (ints, exact floats such as a pandas export's 1.0, booleans) or a neg/pos name;
-    with `class_ids`, an integer is a ClassLabel index mapped through them. None: not a binary label."""
-    if isinstance(value, str):
-        return label_from_name(value)
-    if isinstance(value, (bool, np.bool_)):
-        value = int(value)  # False = neg, True = pos
-    elif isinstance(value, (float, np.floating)):
-        if not float(value).is_integer():  # 0.5 (or nan) is a score, not a class
-            return None
-        value = int(value)
-    if not isinstance(value, (int, np.integer)):
-        return None
-    if class_ids is not None:
-        return class_ids[value] if 0 <= value < len(class_ids) else None  # -1 = unlabeled in hub datasets
-    return int(value) if value in (0, 1) else None
-
-
-def class_counts(labels: np.ndarray) -> str:
-    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=2)
-    return f"neg: {counts[0]}, pos: {counts[1]}"
-
-
-def check_two_classes(labels: np.ndarray) -> None:
-    """Refuse a training set of one class: the tutorial's shuffled subsample of IMDb never is one, so the
-    labels are broken, and a classifier would only learn to always answer that class."""
-    if (np.bincount(np.asarray(labels, dtype=np.int64), minlength=2) == 0).any():
-        raise DataError(f"training data has only one class ({class_counts(labels)}); "
-                        "check the label column or raise --n_train")
-
-
 # ----------------------------------------------------------------------------- checking a split
 
 
-def check_split(ds, source: str):
-    """Require `text` and `label`; labels to 0/1; refuse empty texts and bad labels, naming where they are.
-    `source` is the file read (for line numbers), a folder or a hub id."""
-    import datasets
-
-    missing = [c for c in ("text", "label") if c not in ds.column_names]
+def check_split(ds, source: str, text_column: str = "text", label_column: str = "label"):
+    """The split as columns `text` and `label` (its values and feature as they are: labels.py reads them), from
+    the columns named; refuse empty texts, naming where they are. `source` is the file read (for line numbers),
+    a folder or a hub id."""
+    missing = [c for c in (text_column, label_column) if c not in ds.column_names]
     if missing:
-        raise DataError(f"{source} lacks column(s) {', '.join(missing)} (has {', '.join(ds.column_names)}); "
-                        "rename them to text and label")
+        raise DataError(f"{source} has no column {' or '.join(map(repr, missing))}; its columns are "
+                        f"{', '.join(ds.column_names)}: name the text and label columns with --text_column and "
+                        f"--label_column (now {text_column!r} and {label_column!r})")
     if len(ds) == 0:
         raise DataError(f"{source} holds no rows")
     try:
-        texts = list(ds["text"])  # decodes every text: a non-UTF-8 JSONL file loads, then fails here
+        texts = list(ds[text_column])  # decodes every text: a non-UTF-8 JSONL file loads, then fails here
     except UnicodeDecodeError:
         raise DataError(f"{source} is not UTF-8 text; re-encode it (e.g. iconv -f latin1 -t utf-8)") from None
     for row, text in enumerate(texts):
         if not isinstance(text, str) or is_blank(text):
             raise DataError(f"{row_location(source, row)}: empty or missing text; fill in its text")
-    feature = ds.features["label"]
-    class_ids = class_label_ids(feature.names, source) if isinstance(feature, datasets.ClassLabel) else None
-    values = list(ds["label"])
-    labels = [normalize_label(v, class_ids) for v in values]
-    for row, label in enumerate(labels):
-        if label is None:
-            raise DataError(f"{row_location(source, row)}: label {values[row]!r} is not 0/1 or neg/pos; "
-                            "this is a binary task (unlabeled rows, label -1, cannot train)")
-    return ds.select_columns(["text"]).add_column("label", labels)
+    ds = ds.select_columns([text_column, label_column])
+    return ds.rename_columns({text_column: "text", label_column: "label"})  # a ClassLabel stays one
 
 
 # ----------------------------------------------------------------------------- where a row is

@@ -155,6 +155,18 @@ class TimedBatches:
             self.waited += time.perf_counter() - start
 
 
+def scalars(row: dict, prefix: str) -> list[tuple[str, float]]:
+    """A row's numbers as TensorBoard (tag, value) pairs, `prefix/key`; a nested dict's under its key, as each
+    class's figures: `val/per_class/neg/f1`."""
+    out = []
+    for key, value in row.items():
+        if isinstance(value, dict):
+            out += scalars(value, f"{prefix}/{key}")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out.append((f"{prefix}/{key}", value))
+    return out
+
+
 def hms(seconds: float) -> str:
     """1:02:03 for an hour and more, else 2:03: the step line's clock."""
     minutes, secs = divmod(int(seconds), 60)
@@ -245,10 +257,8 @@ class RunLog:
         if self.file:
             self.file.append(json.dumps(row) + "\n")
         if self.tensorboard:
-            prefix = row.get("split", "train")
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-                    self.tensorboard.add_scalar(f"{prefix}/{key}", value, row["step"])
+            for tag, value in scalars({k: v for k, v in row.items() if k != "step"}, row.get("split", "train")):
+                self.tensorboard.add_scalar(tag, value, row["step"])
 
     def step(self, step: int, epoch: int, loss: float, lr: float, grad_norm: float, skipped: bool,
              scale: float | None, counts: list[int], clock: StepClock) -> dict:
@@ -294,8 +304,8 @@ class RunLog:
         """The test metrics, to TensorBoard with the config as hyperparameters (its HPARAMS tab compares runs)."""
         if self.tensorboard:
             hparams = {k: v for k, v in self.cfg.to_dict().items() if isinstance(v, (bool, int, float, str))}
-            self.tensorboard.add_hparams(hparams, {f"test/{k}": results[k] for k in ("accuracy", "f1", "loss")},
-                                         run_name=".", global_step=results["steps"])
+            metrics = {f"test/{k}": results[k] for k in ("accuracy", "f1", "macro_f1", "loss") if k in results}
+            self.tensorboard.add_hparams(hparams, metrics, run_name=".", global_step=results["steps"])
 
     @property
     def samples_per_second(self) -> float | None:

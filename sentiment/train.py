@@ -29,12 +29,13 @@ from sentiment.card import model_card
 from sentiment.config import Config
 from sentiment.data import ReviewDataset, Splits, collator, global_batches, load_splits, micro_batches
 from sentiment.engine import Engine, setup_engine
-from sentiment.evaluate import evaluate
+from sentiment.evaluate import evaluate, f1_key
+from sentiment.labels import check_head, class_counts
 from sentiment.loop import (StopRequest, ignore_stop_signals, is_bad, lr_at, out_of_memory_is_an_error, set_lr,
                             step_totals, token_counts, too_many_bad_steps)
 from sentiment.memory import PhasePeaks
-from sentiment.model import (count_params, layer_decay_on, layer_lr_line, load_checked, load_model, param_groups,
-                             use_family)
+from sentiment.model import (count_params, layer_decay_on, layer_lr_line, load_checked, load_model, load_model_config,
+                             param_groups, use_family)
 from sentiment.report import misclassified, write_report
 from sentiment.rundir import MEMORY_SNAPSHOT
 from sentiment.runlog import (RunLog, StepClock, TimedBatches, check_report_to, console, environment, git_commit,
@@ -83,13 +84,16 @@ def run(cfg: Config, engine: Engine) -> dict:
     check_report_to(cfg)
     plan = fit.plan_batch(cfg, engine.world_size)  # micro x accum x world = the global batch, or a ConfigError
     phases = PhasePeaks("load")  # this process's peak memory in each phase, for results.json
-    tokenizer, model_config = load_checked(cfg.model_name_or_path, cfg.max_length, cfg.dropout)  # no weights yet
-    family = use_family(model_config, cfg.attn_implementation, engine.flash_attention_unusable,
-                        cfg.gradient_checkpointing)
+    tokenizer, own_config = load_checked(cfg.model_name_or_path, cfg.max_length, cfg.dropout)  # no weights yet
 
     with engine.main_process_first():  # rank 0 tokenizes and fills the cache; the others read it
         splits = load_splits(cfg, tokenizer, phases)
     phases.next("load")  # the model's weights
+    check_head(own_config, splits.names, cfg.model_name_or_path)
+    # the classifier's classes are the data's (--label_names, else the training data's): id2label in the saved model
+    model_config = load_model_config(cfg.model_name_or_path, cfg.dropout, splits.names)
+    family = use_family(model_config, cfg.attn_implementation, engine.flash_attention_unusable,
+                        cfg.gradient_checkpointing)
     fingerprint = ckpt.fingerprint(tokenizer, splits.train, splits.val, model_config)
     if resume:
         ckpt.check_fingerprint(resume, fingerprint, engine.print)
@@ -109,7 +113,9 @@ def run(cfg: Config, engine: Engine) -> dict:
     has_val = splits.val is not None
     print_header(cfg, engine, env, raw_model, plan, steps_per_epoch, warmup_steps, progress.step if resume else None,
                  [f"data: train {len(splits.train)} | val {len(splits.val) if has_val else 0} | test "
-                  f"{len(splits.test)} reviews | model {count_params(raw_model)[0] / 1e6:.3g}M parameters", family]
+                  f"{len(splits.test)} reviews | model {count_params(raw_model)[0] / 1e6:.3g}M parameters", family,
+                  f"labels: {len(splits.names)} classes, train {class_counts(splits.train.labels, splits.names)} "
+                  f"({'--label_names' if cfg.label_names else 'from the training data'})"]
                  + ([layer_lr_line(raw_model, cfg.lr, cfg.layer_lr_decay)]
                     if layer_decay_on(cfg.layer_lr_decay) else []))
 
@@ -117,8 +123,8 @@ def run(cfg: Config, engine: Engine) -> dict:
     eval_split, eval_name = (splits.val, "val") if has_val else (splits.test, "test")
     job = Job(model, raw_model, optimizer, scaler, plan, progress, identity, steps_per_epoch, total_steps,
               warmup_steps, dataset=lambda epoch: ReviewDataset(splits.train), collate=collate, eval_name=eval_name,
-              evaluate=lambda m: evaluate(m, eval_split, engine, cfg.eval_batch_size, collate, desc=eval_name),
-              select_best=has_val)
+              evaluate=lambda m: evaluate(m, eval_split, engine, cfg.eval_batch_size, collate, eval_name, splits.names),
+              select_best=has_val, shown=("loss", "accuracy", "f1" if len(splits.names) == 2 else "macro_f1"))
     snapshot = functools.partial(engine.write_memory_snapshot, out / MEMORY_SNAPSHOT)  # on CUDA, if out of memory
     with StopRequest(engine.print) as stop, out_of_memory_is_an_error(plan.micro, cfg.max_length, global_batch,
                                                                       snapshot), \
@@ -316,9 +322,11 @@ def finish(cfg: Config, engine: Engine, model, tokenizer, splits: Splits, progre
     if not has_val and last_eval is not None:
         test_metrics, test_probs = last_eval  # the last epoch's evaluation was on test, with these very weights
     else:
-        test_metrics, test_probs = evaluate(model, splits.test, engine, cfg.eval_batch_size, collate, desc="test")
+        test_metrics, test_probs = evaluate(model, splits.test, engine, cfg.eval_batch_size, collate, "test",
+                                            splits.names)
     results = {"test": test_metrics, "best_val_accuracy": progress.best_accuracy if has_val else None,
-               **{k: test_metrics[k] for k in ("accuracy", "f1", "precision", "recall", "loss", "confusion_matrix")},
+               **{k: test_metrics[k] for k in ("accuracy", "f1", "precision", "recall", "loss", "confusion_matrix",
+                                               "macro_f1") if k in test_metrics}, "label_names": list(splits.names),
                "best_step": progress.best_step if has_val else None, "steps": progress.step,
                "n_reviews": {"train": len(splits.train), "val": len(splits.val) if has_val else 0,
                              "test": len(splits.test)},
@@ -328,13 +336,14 @@ def finish(cfg: Config, engine: Engine, model, tokenizer, splits: Splits, progre
                         {ckpt.TRAINING_CONFIG: json.dumps(cfg.to_dict(), indent=2) + "\n",
                          "README.md": model_card(cfg.to_dict(), results, cfg.model_name_or_path)})
         # report.md: metrics, engine decisions, figures (if matplotlib), the most confidently wrong test reviews
-        write_report(out, misclassified(splits.test.texts, splits.test.labels, test_probs), results)
+        write_report(out, misclassified(splits.test.texts, splits.test.labels, test_probs, splits.names), results)
         log.final(results)
         ckpt.write_json(out / "results.json", results)  # its presence marks the run finished
         if cfg.keep_last == 0:  # the run is final: what resume needed (optimizer state included) can go
             ckpt.remove_checkpoints(out)
     engine.barrier()
-    engine.print(f"test | accuracy {test_metrics['accuracy']:.4f} | f1 {test_metrics['f1']:.4f} | "
+    engine.print(f"test | accuracy {test_metrics['accuracy']:.4f} | {f1_key(test_metrics)} "
+                 f"{test_metrics[f1_key(test_metrics)]:.4f} | "
                  f"loss {test_metrics['loss']:.4f} | {log.samples_per_second or 0:.1f} train ex/s | "
                  f"{results['runtime_s']:.0f} s | model saved to {out / 'model'}")
     return results

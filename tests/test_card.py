@@ -58,8 +58,11 @@ def test_card_figures_are_the_runs_own(tiny_run, tmp_path):
     cfg, results = tiny_run
     text = load(model_card(cfg, results, cfg["model_name_or_path"]), tmp_path).text
     t = results["test"]
-    row = f"| {t['accuracy']:.4f} | {t['f1']:.4f} | {t['precision']:.4f} | {t['recall']:.4f} | {t['loss']:.4f} |"
-    assert row in text
+    row = (f"| {t['accuracy']:.4f} | {t['macro_f1']:.4f} | {t['f1']:.4f} | {t['precision']:.4f} | {t['recall']:.4f} "
+           f"| {t['loss']:.4f} |")
+    assert "| accuracy | macro-F1 | F1 (pos) | precision | recall | loss |" in text and row in text
+    for name, m in t["per_class"].items():  # each class with its support: an imbalance shows
+        assert f"| {name} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | {m['support']} |" in text
     assert f"best validation accuracy {results['best_val_accuracy']:.4f}" in text
     assert f"| batch | 8 reviews = micro 8 x accum 1 x world {results['environment']['world_size']} |" in text
     assert f"| optimizer steps | {results['steps']} |" in text

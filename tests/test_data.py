@@ -8,8 +8,9 @@ from conftest import ROWS, write_rows
 
 from sentiment.config import Config
 from sentiment.data import (Collator, ReviewDataset, collator, eval_batches, global_batches, load_splits,
-                            micro_batches, read_split, stratified_split, take, tokenize, truncate_ids)
+                            micro_batches, read_split, take, tokenize, truncate_ids)
 from sentiment.errors import DataError
+from sentiment.labels import stratified_split
 from sentiment.tiny import make_reviews, make_tokenizer
 
 CLS, SEP = 101, 102
@@ -389,7 +390,7 @@ def test_stratified_split_refuses_a_too_small_split():
 def test_stratified_split_refuses_a_class_of_one():
     with pytest.raises(DataError, match=r"^val_fraction=0\.2: a stratified split needs at least 2 reviews of each "
                                         r"class, got neg: 1, pos: 9; raise --n_train or set --val_fraction 0$"):
-        stratified_split(np.array([1] * 9 + [0]), 0.2, seed=0)
+        stratified_split(np.array([1] * 9 + [0]), 0.2, seed=0, names=("neg", "pos"))
 
 
 def test_load_splits_refuses_a_single_class_training_set(tmp_path):

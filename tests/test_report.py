@@ -83,7 +83,7 @@ def test_report_md_has_every_section(finished_run):
     assert json.loads(text.split("```json\n")[1].split("```")[0])["lr"] == 3e-3
     # the final model's test mistakes: as many as it made, at most 5
     wrong = round((1 - results["test"]["accuracy"]) * results["test"]["n"])
-    assert text.count("P(pos) = ") == min(wrong, 5)
+    assert text.count(" (P = ") == min(wrong, 5)
 
 
 def test_report_and_plot_without_matplotlib(finished_run, tmp_path, monkeypatch):
@@ -96,9 +96,10 @@ def test_report_and_plot_without_matplotlib(finished_run, tmp_path, monkeypatch)
                         lambda name, *a: None if name == "matplotlib" else real(name, *a))
     with pytest.raises(ConfigError, match="pip install matplotlib"):
         plot_run(run)
-    text = write_report(run, [{"text": "Dull <b>and</b> | long.", "label": 1, "p_pos": 0.03}]).read_text()
+    text = write_report(run, [{"text": "Dull <b>and</b> | long.", "label": "pos", "predicted": "neg", "p": 0.97}
+                              ]).read_text()
     assert "pip install matplotlib" in text and "![" not in text
-    assert "true **pos**, P(pos) = 0.030" in text
+    assert "true **pos**, predicted **neg** (P = 0.970)" in text
     assert "&lt;b&gt;" in text and "\\|" in text  # review text cannot inject HTML or break a table
     assert not (run / "plots").exists()
 
@@ -116,9 +117,9 @@ def test_misclassified_picks_the_most_confident_mistakes():
     p_pos = np.array([0.9, 0.45, 0.8, 0.2, 0.01, 0.51])  # wrong: 0 (0.9), 1 (0.45), 4 (0.01), 5 (0.51)
     texts = [f"review {i} " + "word " * 100 for i in range(6)]
     texts[4] = "line one<br />line two"
-    got = misclassified(texts, labels, np.stack([1 - p_pos, p_pos], axis=1), k=3)
-    assert [g["p_pos"] for g in got] == pytest.approx([0.01, 0.9, 0.45])
-    assert [g["label"] for g in got] == [1, 0, 1]
+    got = misclassified(texts, labels, np.stack([1 - p_pos, p_pos], axis=1), ("neg", "pos"), k=3)
+    assert [g["p"] for g in got] == pytest.approx([0.99, 0.9, 0.55])  # the probability of the wrong answer
+    assert [(g["label"], g["predicted"]) for g in got] == [("pos", "neg"), ("neg", "pos"), ("pos", "neg")]
     assert got[0]["text"] == "line one line two"
     assert len(got[1]["text"]) <= report_module.TEXT_CHARS + 2 and got[1]["text"].endswith("…")
 
@@ -262,7 +263,7 @@ def test_redraw_without_a_report_says_the_reviews_are_not_known(finished_run, tm
     run = copy_run(finished_run, tmp_path / "run", names=("metrics.jsonl", "results.json", "config.json"))
     redraw(run)
     text = (run / "report.md").read_text()
-    assert "Not known" in text and "None: every test review" not in text and "P(pos) = " not in text
+    assert "Not known" in text and "None: every test review" not in text and " (P = " not in text
     assert read_misclassified(run / "report.md") is None  # and a second redraw keeps saying so
 
 
@@ -271,8 +272,8 @@ def test_misclassified_reviews_read_back_as_written(finished_run, tmp_path, monk
     real = importlib.util.find_spec  # no figures: this is about the text
     monkeypatch.setattr(report_module.importlib.util, "find_spec",
                         lambda name, *a: None if name == "matplotlib" else real(name, *a))
-    items = [{"text": 'Dull <b>and</b> | long & "odd" a\\|b …', "label": 1, "p_pos": 0.031},
-             {"text": "Great fun.", "label": 0, "p_pos": 0.988}]
+    items = [{"text": 'Dull <b>and</b> | long & "odd" a\\|b …', "label": "pos", "predicted": "neg", "p": 0.969},
+             {"text": "Great fun.", "label": "very | <bad>", "predicted": "pos", "p": 0.988}]  # any class name
     for given in (items, []):
         write_report(run, given)
         assert read_misclassified(run / "report.md") == given
