@@ -189,12 +189,12 @@ def model_names(config) -> tuple[str, ...]:
     return tuple(str(config.id2label.get(i, i)) for i in range(config.num_labels))
 
 
-def check_head(config, names: tuple[str, ...], name: str) -> None:
-    """Refuse, before a run writes anything, to fine-tune a classifier (a checkpoint saved with a sequence
-    classification head, as `sentiment train` saves) on another number of classes: its head's weights have the
-    shape of its own classes, and loading them into a head for the data's would fail midway."""
+def head_note(config, names: tuple[str, ...], name: str) -> str:
+    """A header line when `name` is a classifier (saved with a sequence classification head, as `sentiment train`
+    saves) of another number of classes than the data's: its encoder is kept and the head starts new, shaped for the
+    data's classes (model.from_pretrained); "" otherwise."""
     classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or ())
-    if classifier and config.num_labels != len(names):
-        raise ModelError(f"{name} is a classifier of {config.num_labels} classes ({shown(model_names(config))}) and "
-                         f"the data has {len(names)} ({shown(names)}): its head cannot take them; start from the "
-                         "encoder it was fine-tuned from (its base model), which gets a new head")
+    if not classifier or config.num_labels == len(names):
+        return ""
+    return (f"classifier: {name} was fine-tuned on {config.num_labels} classes ({shown(model_names(config))}) and the "
+            f"data has {len(names)} ({shown(names)}): its encoder is kept, its head starts new for them")

@@ -102,13 +102,15 @@ def load_model(name: str, dropout: float = -1.0, gradient_checkpointing: bool = 
 def from_pretrained(auto_class, name: str, config, what: str, gradient_checkpointing: bool = False):
     """(auto_class.from_pretrained(name) on the attention kernel set in config (use_family; else transformers'
     default: SDPA where the class has it), the names of the tensors it initialised anew because the checkpoint
-    lacks them: a head, usually)."""
+    lacks them or holds them in another shape: a head, usually)."""
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "some weights were newly initialized": expected, and reported by our callers
     try:
-        model, info = auto_class.from_pretrained(name, config=config, output_loading_info=True)
+        # a head of another shape (a classifier of 2 classes fine-tuned on 4) starts new, as a missing one does
+        model, info = auto_class.from_pretrained(name, config=config, output_loading_info=True,
+                                                 ignore_mismatched_sizes=True)
     except Exception as e:  # noqa: BLE001
         raise _load_error(name, what, e) from None
     finally:
@@ -118,7 +120,8 @@ def from_pretrained(auto_class, name: str, config, what: str, gradient_checkpoin
     elif gradient_checkpointing:
         # non-reentrant checkpointing works with DDP and with inputs that need no grad
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model, sorted(info.get("missing_keys") or ())
+    mismatched = [key for key, *_ in info.get("mismatched_keys") or ()]  # (key, shape saved, shape now)
+    return model, sorted({*(info.get("missing_keys") or ()), *mismatched})
 
 
 def checkpoint_each_layer(model: torch.nn.Module, family: Family) -> None:

@@ -30,7 +30,7 @@ from sentiment.config import Config
 from sentiment.data import ReviewDataset, Splits, collator, global_batches, load_splits, micro_batches
 from sentiment.engine import Engine, setup_engine
 from sentiment.evaluate import evaluate, f1_key
-from sentiment.labels import check_head, class_counts
+from sentiment.labels import class_counts, head_note
 from sentiment.loop import (StopRequest, ignore_stop_signals, is_bad, lr_at, out_of_memory_is_an_error, set_lr,
                             step_totals, token_counts, too_many_bad_steps)
 from sentiment.memory import PhasePeaks
@@ -89,7 +89,7 @@ def run(cfg: Config, engine: Engine) -> dict:
     with engine.main_process_first():  # rank 0 tokenizes and fills the cache; the others read it
         splits = load_splits(cfg, tokenizer, phases)
     phases.next("load")  # the model's weights
-    check_head(own_config, splits.names, cfg.model_name_or_path)
+    new_head = head_note(own_config, splits.names, cfg.model_name_or_path)  # another class count: a new head
     # the classifier's classes are the data's (--label_names, else the training data's): id2label in the saved model
     model_config = load_model_config(cfg.model_name_or_path, cfg.dropout, splits.names)
     family = use_family(model_config, cfg.attn_implementation, engine.flash_attention_unusable,
@@ -116,6 +116,7 @@ def run(cfg: Config, engine: Engine) -> dict:
                   f"{len(splits.test)} reviews | model {count_params(raw_model)[0] / 1e6:.3g}M parameters", family,
                   f"labels: {len(splits.names)} classes, train {class_counts(splits.train.labels, splits.names)} "
                   f"({'--label_names' if cfg.label_names else 'from the training data'})"]
+                 + [line for line in (new_head,) if line]
                  + ([layer_lr_line(raw_model, cfg.lr, cfg.layer_lr_decay)]
                     if layer_decay_on(cfg.layer_lr_decay) else []))
 

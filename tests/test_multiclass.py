@@ -158,13 +158,12 @@ def test_a_review_sentiment_csv_with_five_named_classes_trains(encoder, tiny_dir
     args = ["train", "--data_dir", str(tmp_path / "data"), "--text_column", "review", "--label_column", "sentiment",
             "--label_names", ",".join(FIVE), "--n_train", "0", "--n_test", "0", "--max_length", "32", "--epochs",
             "1", "--device", "cpu", "--precision", "fp32", "--output_dir", str(out), "--log_every", "0"]
-    # a classifier of 2 classes cannot be fine-tuned on 5 as it is: one line, before anything is written
-    assert main([*args, "--model_name_or_path", str(tiny_dirs[0])]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"error: {tiny_dirs[0]} is a classifier of 2 classes (neg, pos) and the data has 5 (lowest, low, mid, high, "
-        "highest): its head cannot take them; start from the encoder it was fine-tuned from (its base model), which "
-        "gets a new head")
-    assert not out.exists()
+    # a classifier of 2 classes fine-tuned on 5: its encoder is kept, its head starts new for them, said in the header
+    assert main([*args, "--model_name_or_path", str(tiny_dirs[0])]) == 0
+    assert (f"classifier: {tiny_dirs[0]} was fine-tuned on 2 classes (neg, pos) and the data has 5 (lowest, low, "
+            "mid, high, highest): its encoder is kept, its head starts new for them") in capsys.readouterr().out
+    assert json.loads((out / "model" / "config.json").read_text())["id2label"] == {str(i): n for i, n in enumerate(FIVE)}
+    args[args.index("--output_dir") + 1] = str(out := tmp_path / "run2")
     assert main([*args, "--model_name_or_path", encoder]) == 0
     assert "labels: 5 classes, train lowest: 8, low: 8, mid: 8, high: 8, highest: 8 (--label_names)" in (
         capsys.readouterr().out)

@@ -233,6 +233,11 @@ def test_plot_writes_only_into_a_run_folder(finished, tmp_path, capsys):
     err = refused(["plot", str(mine)], capsys)
     assert "is not a run folder" in err and rundir.MARKER in err
     assert snapshot(mine) == before and not (mine / "report.md").exists()
+    run = copy_of(finished, tmp_path / "run")  # a run folder whose plots/ links to a user's folder
+    shutil.rmtree(run / "plots", ignore_errors=True)
+    (run / "plots").symlink_to(mine / "plots", target_is_directory=True)
+    assert "is a symbolic link" in refused(["plot", str(run)], capsys)
+    assert snapshot(mine) == before
 
 
 # ----------------------------------------------------------------------------- the weak cases
