@@ -8,7 +8,10 @@ into the run (results.json) and into the model (`id2label`, which `transformers.
 - else a `ClassLabel` column: its names, in its order (the stored integers are read through them).
 - else text labels: the distinct texts, sorted (numerically if all are whole numbers).
 - else integer labels 0..N-1: named by their number, except 0/1, which take the reader's binary names
-  (IMDb's neg/pos: data.IMDB_LABELS).
+  (IMDb's neg/pos: data.IMDB_LABELS); integers that do not start at 0 (star ratings 1..10, stars 1..5) are
+  classes named by their numbers, sorted numerically, as whole-number texts are.
+Integer labels are class indices, except where every class name is a whole number: then they are the names
+(rating 10 is class "10", whatever its index).
 
 A test label outside the set is refused: a model cannot predict a class it never saw.
 """
@@ -88,6 +91,8 @@ def names_from_data(values: list, class_names: list[str] | None, source: str,
                         "(numbers are then indices into it)")
     if texts:
         return _order(texts)
+    if numbers and min(numbers) > 0 and max(numbers) > 1:  # 1..10 stars: no class 0, so names, not indices
+        return _order({str(n) for n in numbers})
     n = max(2, max(numbers, default=1) + 1)
     return binary_names if n == 2 else tuple(str(i) for i in range(n))
 
@@ -97,9 +102,11 @@ def encode(values: list, class_names: list[str] | None, names: tuple[str, ...], 
     """Each value's class id in `names` (`whose` says where they come from, for the error); DataError at the
     first value that is none of them, naming its row."""
     index = {name: i for i, name in enumerate(names)}
+    numbered = all(re.fullmatch(r"[0-9]+", name) for name in names)  # then an integer label is a name, "10" for 10
     ids = []
     for row, value in enumerate(values):
         c = as_class(value, class_names)
+        c = str(c) if numbered and isinstance(c, int) else c
         label = index.get(c) if isinstance(c, str) else c if isinstance(c, int) and c < len(names) else None
         if label is None:
             raise DataError(f"{row_location(source, row)}: {_why(value, c, class_names, names, whose)}")

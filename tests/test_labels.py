@@ -58,6 +58,8 @@ def test_label_names_field_is_checked(text, why):
     ([4.0, 0.0, 3.0, 1.0, 2.0], ("0", "1", "2", "3", "4")),
     (["pos", "neg", "neutral", "pos"], ("neg", "neutral", "pos")),  # names: sorted
     (["10", "2", "7"], ("2", "7", "10")),  # whole numbers as text: numerically
+    ([10, 1, 3, 7, 1], ("1", "3", "7", "10")),  # integers not from 0 (star ratings): names, numerically
+    ([1, 1], IMDB_LABELS),  # only 1s: IMDb's pos alone (refused later as one class), not a class "1"
     ([" b", "a ", "b"], ("a", "b"))])
 def test_names_from_data(values, names):
     assert names_from_data(values, None, "f", IMDB_LABELS) == names
@@ -236,3 +238,16 @@ def test_binary_metrics_keep_their_keys_and_add_macro_f1():
 
 def test_class_counts_name_each_class():
     assert class_counts(np.array([2, 0, 2]), ("a", "b", "c")) == "a: 1, b: 0, c: 2"
+
+
+def test_star_ratings_as_integers_are_classes_named_by_their_number(tmp_path):
+    """IMDb's ratings 1-4 and 7-10 as the label column: 8 classes "1".."10" (no 0, 5, 6), each rating its own, in
+    train and test alike; never indices into a 0..10 range with empty classes."""
+    write_rows(tmp_path / "train.jsonl", rows_of([1, 2, 3, 4, 7, 8, 9, 10] * 2))
+    write_rows(tmp_path / "test.jsonl", rows_of([10, 1, 7]))
+    splits = load_splits(Config(data_dir=str(tmp_path), n_train=0, n_test=0, max_length=16), make_tokenizer())
+    assert splits.names == ("1", "2", "3", "4", "7", "8", "9", "10")
+    assert splits.test.labels[np.argsort(splits.test.texts)].tolist() == [7, 0, 4]  # rows_of's texts sort in order
+    write_rows(tmp_path / "test.jsonl", rows_of([5]))
+    with pytest.raises(DataError, match=r"label 5 is not one of the training data's labels \(1, 2, 3, 4, 7, 8"):
+        load_splits(Config(data_dir=str(tmp_path), n_train=0, n_test=0, max_length=16), make_tokenizer())
