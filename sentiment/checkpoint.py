@@ -106,6 +106,18 @@ class AppendFile:
         os.close(self.fd)
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file a run appends to (metrics.jsonl, monitor.jsonl), [] if there is none yet; a
+    last line cut by a kill mid-write is skipped: the rest is still good."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else ():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 def checkpoint_paths(folder: Path) -> list[Path]:
     """Checkpoints in `folder`, newest (highest step) first."""
     found = [(int(m.group(1)), p) for p in folder.glob("step_*.pt") if (m := NAME.match(p.name))]
@@ -137,11 +149,16 @@ def remove(path: Path) -> None:
     if path.is_symlink() or path.is_file():
         path.unlink()
     elif path.is_dir():
-        inner = next((Path(root) for root, _, files in os.walk(path) if RUN_MARKER in files), None)
+        inner = run_inside(path)
         if inner is not None:
             raise CheckpointError(f"{path} holds another run ({inner}); nothing in it was deleted: move that run "
                                   "out, then run again")
         shutil.rmtree(path)
+
+
+def run_inside(folder: Path) -> Path | None:
+    """A run folder (one holding RUN_MARKER) at or below `folder`, links not followed; None if there is none."""
+    return next((Path(root) for root, _, files in os.walk(folder) if RUN_MARKER in files), None)
 
 
 def checkpoint_path(output_dir: Path, step: int) -> Path:

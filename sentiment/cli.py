@@ -115,7 +115,7 @@ examples:
   sentiment evaluate --model_name_or_path runs/minilm --data_dir runs/imdb_split --n_test 0 --output eval.json""",
     "predict": """\
 Classify reviews with a trained model: one line per review on stdout (the label, as the model names its
-classes, its probability, the text), or a .jsonl/.csv file with --output. Messages go to stderr.
+classes, its probability, the text), or a .jsonl/.csv/.tsv/.parquet file with --output. Messages go to stderr.
 
 examples:
   sentiment predict --model_name_or_path runs/latest "Loved it." "Dreadful."

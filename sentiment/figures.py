@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from sentiment.checkpoint import read_rows
 from sentiment.errors import ConfigError
 from sentiment.heatmaps import plot_monitor
 from sentiment.labels import recorded_names
@@ -38,12 +39,7 @@ def read_run(run_dir: str | Path) -> tuple[list[dict], list[dict], dict | None, 
     metrics = run / "metrics.jsonl"
     if not metrics.is_file():
         raise ConfigError(f"{run} has no metrics.jsonl; pass the output_dir of a `sentiment train` run")
-    rows = []
-    for line in metrics.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a kill mid-write: the rest is still good
-            continue
+    rows = read_rows(metrics)
     results = json.loads((run / "results.json").read_text()) if (run / "results.json").is_file() else None
     config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
     return [r for r in rows if "split" not in r], [r for r in rows if "split" in r], results, config

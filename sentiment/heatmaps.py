@@ -9,11 +9,11 @@ Karpathy's makemore lectures (part 3) watch for; blue is smaller (a layer barely
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
+from sentiment.checkpoint import read_rows
 from sentiment.rundir import MONITOR_FILE
 
 MONITOR_FIGURES = {  # file name: what it shows, for report.md
@@ -28,14 +28,7 @@ BAND = (1e-4, 1e-2)
 
 def read_monitor(run: Path) -> list[dict]:
     """monitor.jsonl's rows; [] when the run was not monitored (a line cut by a kill is skipped)."""
-    path = Path(run) / MONITOR_FILE
-    rows = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+    return read_rows(Path(run) / MONITOR_FILE)
 
 
 def matrix(rows: list[dict], key: str) -> np.ndarray:

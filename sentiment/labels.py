@@ -22,7 +22,7 @@ import re
 
 import numpy as np
 
-from sentiment.errors import DataError, ModelError
+from sentiment.errors import DataError
 from sentiment.rows import row_location
 
 SHOWN_NAMES = 12  # an error line lists at most this many class names

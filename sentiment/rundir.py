@@ -109,7 +109,7 @@ def refuse_nesting(out: Path) -> None:
                           f"or deletes; pass an --output_dir outside its run files (e.g. beside {outer[0]})")
     for entry in (sorted(out.iterdir()) if out.is_dir() else ()):
         if is_run_file(entry.name) and entry.is_dir() and not entry.is_symlink():
-            inner = next((root for root, _, files in os.walk(entry) if MARKER in files), None)
+            inner = ckpt.run_inside(entry)
             if inner:
                 raise ConfigError(f"output_dir {out} holds another run inside its run files ({inner}), which this "
                                   "run would delete or replace; move that run out first, or pass another --output_dir")

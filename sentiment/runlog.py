@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from sentiment.checkpoint import AppendFile
+from sentiment.checkpoint import AppendFile, read_rows
 from sentiment.config import Config
 from sentiment.engine import Engine
 from sentiment.errors import ConfigError
@@ -192,15 +192,8 @@ def format_step(row: dict, total_steps: int) -> str:
 def steps_so_far(metrics: Path) -> tuple[int, float]:
     """(samples, seconds) of the optimizer steps in a run's metrics.jsonl (0, 0.0 for a new run); a line cut by a
     kill is skipped. A resumed run's file holds only the steps up to its checkpoint (truncate_metrics)."""
-    samples, seconds = 0, 0.0
-    for line in (metrics.read_text().splitlines() if metrics.is_file() else ()):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "split" not in row and "step_ms" in row:
-            samples, seconds = samples + row["samples"], seconds + row["step_ms"] / 1e3
-    return samples, seconds
+    steps = [row for row in read_rows(metrics) if "split" not in row and "step_ms" in row]
+    return sum(row["samples"] for row in steps), sum(row["step_ms"] for row in steps) / 1e3
 
 
 class RunLog:

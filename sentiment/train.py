@@ -116,7 +116,7 @@ def run(cfg: Config, engine: Engine) -> dict:
                   f"{len(splits.test)} reviews | model {count_params(raw_model)[0] / 1e6:.3g}M parameters", family,
                   f"labels: {len(splits.names)} classes, train {class_counts(splits.train.labels, splits.names)} "
                   f"({'--label_names' if cfg.label_names else 'from the training data'})"]
-                 + [line for line in (new_head,) if line]
+                 + ([new_head] if new_head else [])
                  + ([layer_lr_line(raw_model, cfg.lr, cfg.layer_lr_decay)]
                     if layer_decay_on(cfg.layer_lr_decay) else []))
 
