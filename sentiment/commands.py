@@ -25,7 +25,7 @@ from sentiment.engine import Engine, setup_engine
 from sentiment.errors import ConfigError, DataError, ModelError
 from sentiment.evaluate import evaluate, predict_probs
 from sentiment.labels import model_names
-from sentiment.model import load_checked, load_model, use_family
+from sentiment.model import load_checked, load_model, packed_start, use_family
 from sentiment.rows import is_blank
 from sentiment.runlog import LOG, console, quiet_libraries
 
@@ -66,9 +66,12 @@ def load_for_inference(cfg: Config, engine: Engine):
     name = model_folder(cfg.model_name_or_path)
     cfg = with_recorded_settings(cfg, name)
     tokenizer, config = load_checked(name, cfg.max_length)
-    engine.print(use_family(config, cfg.attn_implementation, engine.flash_attention_unusable))
-    model = engine.wrap(load_model(name, config=config, trained_head=True), compile=cfg.compile, inference=True)
-    return cfg, model, tokenizer, collator(cfg, tokenizer.pad_token_id), model_names(config)
+    engine.print(use_family(config, cfg.attn_implementation, engine.flash_attention_unusable, padding=cfg.padding,
+                            varlen_unusable=engine.varlen_unusable))
+    packed = packed_start(config)  # padding-free batches: the position of each review's first token, else None
+    model = engine.wrap(load_model(name, config=config, trained_head=True), compile=cfg.compile, inference=True,
+                        packed=packed is not None)
+    return cfg, model, tokenizer, collator(cfg, tokenizer.pad_token_id, first_position=packed), model_names(config)
 
 
 PREDICTION_FORMATS = (".jsonl", ".csv", ".tsv", ".parquet")  # predict --output, by suffix; - = JSON lines on stdout

@@ -17,7 +17,7 @@ from sentiment.errors import ConfigError
 from sentiment.labels import parse_names
 
 TRUNCATIONS = ("head", "tail", "head_tail")
-PADDINGS = ("dynamic", "max_length")
+PADDINGS = ("dynamic", "max_length", "none")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 REPORT_TO = ("none", "tensorboard")
 ATTENTIONS = ("auto", "sdpa", "eager", "flash_attention_2")  # transformers' names for its attention kernels
@@ -43,7 +43,7 @@ class Config:
     val_fraction: float = 0.0  # share of the n_train reviews held out (stratified) for model selection; 0 = off
     max_length: int = 512  # tokens per review, [CLS] and [SEP] included
     truncation: str = "head"  # head | tail | head_tail (first 128 + last max_length-130 tokens, Sun et al. 2019)
-    padding: str = "dynamic"  # dynamic (to the longest in the batch) | max_length (the tutorial's, wastes ~46%)
+    padding: str = "dynamic"  # dynamic (to the longest in the batch) | max_length (the tutorial's, wastes ~46%) | none (padding-free: each review's tokens end to end, attention per review; no attention dropout)
     group_by_length: bool = True  # batch reviews of similar length (still shuffled); cuts padding to <3%
     shuffle: bool = True  # shuffle the training order each epoch; off only for debugging and parity checks
 

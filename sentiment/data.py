@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from sentiment.errors import DataError
 from sentiment.memory import PhasePeaks
 
 from sentiment import labels
+from sentiment.packing import PackedCollator
 from sentiment.rows import check_split, first_bad_json_line, is_blank  # check_split: also imported from here (split_data.py)
 
 FILE_READERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
@@ -315,6 +317,7 @@ class Collator:
     multiple: int = 8  # round the padded length up to this
     max_length: int = 512
     pad_to_max: bool = False  # padding=max_length: every batch is max_length wide, as in the tutorial
+    packed: ClassVar[type] = PackedCollator  # its padding-free sibling (padding none)
 
     def __call__(self, items: list[tuple[np.ndarray, int, float]]) -> dict[str, torch.Tensor]:
         longest = max(len(ids) for ids, _, _ in items)
@@ -331,8 +334,11 @@ class Collator:
                 "weights": torch.tensor([w for _, _, w in items], dtype=torch.float32)}
 
 
-def collator(cfg: Config, pad_id: int, kind: type[Collator] = Collator) -> Collator:
-    """The run's collator (`kind`: Collator, or pretrain's MLMCollator) with its padding settings."""
+def collator(cfg: Config, pad_id: int, kind: type[Collator] = Collator, first_position: int | None = None):
+    """The run's collator (`kind`: Collator, or pretrain's MLMCollator) with its padding settings; its packed
+    sibling where the model takes padding-free batches (first_position: model.packed_start, None if it does not)."""
+    if first_position is not None:
+        return kind.packed(first_position)
     return kind(pad_id=pad_id, multiple=pad_multiple(cfg), max_length=cfg.max_length,
                 pad_to_max=cfg.padding == "max_length")
 

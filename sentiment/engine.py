@@ -69,17 +69,23 @@ class Engine:
         return torch.amp.GradScaler(self.device.type, init_scale=self.init_scale,
                                     growth_interval=self.growth_interval, enabled=self.precision == "fp16")
 
-    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        # non_blocking copies overlap with compute; they need pinned host memory (see pin_memory)
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+    def to_device(self, batch: dict) -> dict:
+        # non_blocking copies overlap with compute; they need pinned host memory (see pin_memory). A packed batch's
+        # max_length_q/_k are ints: they stay on the host, where the kernels read them
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     @property
     def flash_attention_unusable(self) -> str:
         """Why FlashAttention-2 cannot run here, or "" where it can: CUDA, an Ampere+ GPU, bf16/fp16, flash_attn."""
         from transformers.utils import is_flash_attn_2_available
+        return self.varlen_unusable or ("" if is_flash_attn_2_available() else "the flash_attn package is not installed")
+
+    @property
+    def varlen_unusable(self) -> str:
+        """Why torch's varlen_attn (its own FlashAttention-2, no package needed) cannot run here, or "" where it can."""
         if self.device.type != "cuda" or self.amp_dtype is None or torch.cuda.get_device_capability(self.device)[0] < 8:
             return "it runs on Ampere+ CUDA GPUs (sm80) in bf16/fp16 only"
-        return "" if is_flash_attn_2_available() else "the flash_attn package is not installed"
+        return "" if hasattr(torch.nn.attention, "varlen") else f"torch {torch.__version__} has no varlen_attn"
 
     @property
     def pin_memory(self) -> bool:
@@ -90,16 +96,20 @@ class Engine:
         """One kernel for the whole AdamW update instead of a dozen per parameter (CPU and CUDA)."""
         return self.device.type in ("cuda", "cpu")
 
-    def wrap(self, model: torch.nn.Module, compile: bool = False, inference: bool = False) -> torch.nn.Module:
+    def wrap(self, model: torch.nn.Module, compile: bool = False, inference: bool = False,
+             packed: bool = False) -> torch.nn.Module:
         """Move to the device, optionally torch.compile, and wrap in DDP when distributed. inference=True (evaluate/
         predict of a saved model, never training) also stores the weights in the bf16/fp16 precision: autocast would
-        otherwise re-cast every weight in every forward."""
+        otherwise re-cast every weight in every forward. packed: padding-free batches, every one its own length."""
         model = model.to(self.device)
         if inference and self.amp_dtype is not None:
             model = model.to(self.amp_dtype)
             self.print(f"engine: weights={self.precision} (inference only: saves autocast's per-forward "
                        "weight casts, ~10% faster on CPU; training keeps fp32 master weights)")
-        if compile:
+        if compile and packed:  # a packed row's length is its reviews' total: one graph for all lengths
+            self.print("engine: compile=on (dynamic shapes: padding-free rows have any length)")
+            model = torch.compile(model, dynamic=True)
+        elif compile:
             # lengths are padded to multiples of 64 (see data.pad_multiple), so at most 8 shapes per
             # batch size: compile each statically rather than paying for dynamic-shape kernels
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)

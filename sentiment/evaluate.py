@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from sentiment.data import Collator, ReviewDataset, TokenizedSplit, eval_batches
 from sentiment.engine import Engine
+from sentiment.packing import model_inputs
 
 
 def compute_metrics(labels: np.ndarray, probs: np.ndarray, nll: np.ndarray, names: tuple[str, ...] = ()) -> dict:
@@ -57,7 +58,7 @@ def predict_probs(model: torch.nn.Module, split: TokenizedSplit, engine: Engine,
     for keys in tqdm(mine, desc=desc, disable=(not engine.is_main) or None, leave=False):
         batch = engine.to_device(collate([dataset[k] for k in keys]))
         with engine.autocast():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(**model_inputs(batch)).logits
         logits = logits.float()  # (B, N)
         nll = F.cross_entropy(logits, batch["labels"], reduction="none")  # (B,)
         chunks.append(torch.cat([F.softmax(logits, dim=-1), nll[:, None]], dim=1).cpu().double().numpy())

@@ -1,6 +1,8 @@
 """What differs between encoder families, as one table keyed by `config.model_type` (model.py asks it; the loop
 never does): the attention kernels its transformers classes run, how many tokens its positions take, where its
-layers are (for layer-wise lr decay and our own gradient checkpointing), and the pooler a masked LM drops.
+layers are (for layer-wise lr decay and our own gradient checkpointing), the pooler a masked LM drops, and
+whether it takes padding-free batches (packing.py): where its classifier reads each review's first token, and the
+position id that token has.
 
 A family missing from the table is treated as BERT-shaped (absolute positions, `embeddings` and `encoder.layer`),
 with the attention kernels its class declares; whatever does not fit is refused in one line before a run writes.
@@ -44,6 +46,16 @@ def deberta(config) -> tuple[int | None, str]:
                   f"{config.max_position_embeddings}")
 
 
+def from_zero(config) -> int:
+    """Position ids 0, 1, ... (BERT and most families)."""
+    return 0
+
+
+def after_padding_index(config) -> int:
+    """RoBERTa's position ids start after the padding index: pad + 1, pad + 2, ..."""
+    return config.pad_token_id + 1
+
+
 @dataclass(frozen=True)
 class Family:
     name: str  # as people call it, for messages and the README
@@ -53,23 +65,36 @@ class Family:
     layers: str  # under base_model: the ModuleList of encoder layers, bottom first
     pooler: tuple[str, ...] = ()  # base-model modules the classifier reads and a masked LM drops (pretrain keeps them)
     own_checkpointing: bool = False  # transformers cannot checkpoint it: we wrap each of `layers` ourselves
+    packed_at: str = ""  # under base_model: the module whose output the head reads token 0 of; "" = padded only
+    first_position: Callable = from_zero  # config -> the position id of a review's first token
+    why_padded: str = "not in families.py's table"  # why packed_at is "": the header says it
 
 
 FAMILIES: dict[str, Family] = {
-    "bert": Family("BERT", ALL_KERNELS, absolute, ("embeddings",), "encoder.layer", ("pooler",)),
-    "roberta": Family("RoBERTa", ALL_KERNELS, after_padding, ("embeddings",), "encoder.layer"),
-    "xlm-roberta": Family("XLM-RoBERTa", ALL_KERNELS, after_padding, ("embeddings",), "encoder.layer"),
-    "camembert": Family("CamemBERT", ALL_KERNELS, after_padding, ("embeddings",), "encoder.layer"),  # RoBERTa's
+    "bert": Family("BERT", ALL_KERNELS, absolute, ("embeddings",), "encoder.layer", ("pooler",), packed_at="encoder"),
+    "roberta": Family("RoBERTa", ALL_KERNELS, after_padding, ("embeddings",), "encoder.layer", packed_at="encoder",
+                      first_position=after_padding_index),
+    "xlm-roberta": Family("XLM-RoBERTa", ALL_KERNELS, after_padding, ("embeddings",), "encoder.layer",
+                          packed_at="encoder", first_position=after_padding_index),
+    "camembert": Family("CamemBERT", ALL_KERNELS, after_padding, ("embeddings",), "encoder.layer",  # RoBERTa's
+                        packed_at="encoder", first_position=after_padding_index),
     "deberta-v2": Family("DeBERTa-v2/v3", EAGER_ONLY, deberta,
-                         ("embeddings", "encoder.rel_embeddings", "encoder.LayerNorm"), "encoder.layer"),
-    "electra": Family("ELECTRA", ALL_KERNELS, absolute, ("embeddings", "embeddings_project"), "encoder.layer"),
-    "distilbert": Family("DistilBERT", ALL_KERNELS, absolute, ("embeddings",), "transformer.layer"),
+                         ("embeddings", "encoder.rel_embeddings", "encoder.LayerNorm"), "encoder.layer",
+                         why_padded="its relative-position attention is its own (eager) code, not a kernel we swap"),
+    "electra": Family("ELECTRA", ALL_KERNELS, absolute, ("embeddings", "embeddings_project"), "encoder.layer",
+                      packed_at="encoder"),
+    "distilbert": Family("DistilBERT", ALL_KERNELS, absolute, ("embeddings",), "transformer.layer",
+                         packed_at="transformer"),
     # ALBERT shares one layer's weights across all layers (a layer group, 1 by default): LLRD scales per group
     "albert": Family("ALBERT", ALL_KERNELS, absolute, ("embeddings", "encoder.embedding_hidden_mapping_in"),
-                     "encoder.albert_layer_groups", ("pooler", "pooler_activation"), own_checkpointing=True),
-    "modernbert": Family("ModernBERT", ALL_KERNELS, rotary, ("embeddings",), "layers"),
+                     "encoder.albert_layer_groups", ("pooler", "pooler_activation"), own_checkpointing=True,
+                     packed_at="encoder"),
+    "modernbert": Family("ModernBERT", ALL_KERNELS, rotary, ("embeddings",), "layers",
+                         why_padded="its sliding-window layers and mean pooling need the padded layout (it unpads "
+                                    "itself under flash_attention_2)"),
     "mpnet": Family("MPNet", EAGER_ONLY, after_padding, ("embeddings", "encoder.relative_attention_bias"),
-                    "encoder.layer", own_checkpointing=True),
+                    "encoder.layer", own_checkpointing=True,
+                    why_padded="its relative attention bias is its own (eager) code, not a kernel we swap"),
 }
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from sentiment.config import Config
 from sentiment.engine import Engine
+from sentiment.packing import model_inputs
 from sentiment.errors import ConfigError, TrainingError
 
 # A knob for tests and simulations, not for runs: the probe behaves as if the device ran out of memory
@@ -107,7 +108,7 @@ def probe(model: torch.nn.Module, engine: Engine, batch: dict[str, torch.Tensor]
     held = torch.empty(reserve, dtype=torch.uint8, device=engine.device)
     batch = engine.to_device(batch)
     with engine.autocast():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(**model_inputs(batch)).logits
     F.cross_entropy(logits.float().flatten(0, -2), batch["labels"].flatten()).backward()  # as train.steps does
     del held, logits
     peak = engine.memory()["peak"]

@@ -11,12 +11,14 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sentiment import checkpoint as ckpt
 from sentiment.engine import Engine
 from sentiment.errors import TrainingError
 from sentiment.fit import MEMORY_FIXES
+from sentiment.packing import is_packed
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
@@ -40,7 +42,12 @@ def token_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(samples, real tokens, padded tokens) of a micro-batch, counted on the host: no device sync.
     Samples are the rows with a nonzero weight (padding rows of a short last batch weigh 0; a masked LM's
     weights are per token, (B, T))."""
-    mask, weights = batch["attention_mask"], batch["weights"]
+    weights = batch["weights"]
+    if is_packed(batch):  # one row of real tokens only; a masked LM's weights are per token (T,)
+        real, starts = batch["input_ids"].numel(), batch["cu_seq_lens_q"][:-1].numpy()
+        live = np.logical_or.reduceat(weights.numpy() > 0, starts) if len(weights) == real else weights.numpy() > 0
+        return torch.tensor([int(live.sum()), real, real], dtype=torch.float32)
+    mask = batch["attention_mask"]
     samples = int((weights.reshape(len(weights), -1) > 0).any(1).sum())
     return torch.tensor([samples, int(mask.sum()), mask.numel()], dtype=torch.float32)
 

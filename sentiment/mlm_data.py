@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ import torch
 from sentiment.config import Config
 from sentiment.data import FILE_READERS, Collator, TokenizedSplit, data_dir_source, read_acl_imdb, read_hub, tokenize
 from sentiment.errors import DataError
+from sentiment.packing import PackedCollator, pack
 from sentiment.rows import is_blank, row_location
 
 HUB_SPLITS = {"stanfordnlp/imdb": ["train", "unsupervised"]}  # the hub splits to read per dataset; --train_split else
@@ -171,9 +173,21 @@ class MaskedTexts(torch.utils.data.Dataset):
 
 
 @dataclass(frozen=True)
+class PackedMLMCollator(PackedCollator):
+    """A masked LM's packed batch (padding none): packing.pack's inputs, and labels and weights per token (T,)."""
+
+    def __call__(self, items: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict:
+        return {**pack([ids for ids, _, _ in items], self.first_position),
+                "labels": torch.from_numpy(np.concatenate([labels for _, labels, _ in items]).astype(np.int64)),
+                "weights": torch.from_numpy(np.concatenate([weights for _, _, weights in items]).astype(np.float32))}
+
+
+@dataclass(frozen=True)
 class MLMCollator(Collator):
     """data.Collator's padding of the input ids, with `labels` and `weights` (B, T) tensors: a token's target and
     loss weight (IGNORE and 0 where it is not predicted, padding included)."""
+
+    packed: ClassVar[type] = PackedMLMCollator
 
     def __call__(self, items: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
         batch = super().__call__([(ids, 0, 0.0) for ids, _, _ in items])

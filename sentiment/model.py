@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from sentiment import packing
 from sentiment.errors import ConfigError, ModelError
 from sentiment.families import FAMILIES, Family, classifier_class, family_of, submodule
 
@@ -96,6 +97,8 @@ def load_model(name: str, dropout: float = -1.0, gradient_checkpointing: bool = 
     if trained_head and new:
         raise ModelError(f"{name} has no trained classification head ({', '.join(new)} would start random); pass "
                          "a model saved by `sentiment train` (RUN/model, or the run folder RUN)")
+    if packed_start(config) is not None:  # padding-free: the head reads each review's first token of the packed row
+        packing.install_gather(model, family_of(config).packed_at)
     return model
 
 
@@ -182,18 +185,51 @@ def check_max_length(max_length: int, config) -> None:
                           f"use --max_length {limit} or less")
 
 
-def use_family(config, attn_implementation: str, flash_unusable: str, gradient_checkpointing: bool = False) -> str:
-    """Set config's attention kernel (choose_attention) before any weights load; refuse gradient checkpointing
-    where neither transformers nor we have it. Returns the header's line of what the family decided, and why."""
+def use_family(config, attn_implementation: str, flash_unusable: str, gradient_checkpointing: bool = False,
+               padding: str = "dynamic", varlen_unusable: str = "") -> str:
+    """Set config's attention kernel (choose_attention, or a packed one under padding none: choose_packing) before
+    any weights load; refuse gradient checkpointing where neither transformers nor we have it. Returns the header's
+    line of what the family decided, and why."""
     family = family_of(config)
     checkpointable = family.own_checkpointing or classifier_class(config).supports_gradient_checkpointing
     if gradient_checkpointing and not checkpointable:
         raise ConfigError(f"{config.model_type} has no gradient checkpointing in transformers; use "
                           "--gradient_checkpointing false (and a smaller --micro_batch_size, or auto)")
-    kernel, why = choose_attention(config, attn_implementation, flash_unusable)
+    kernel, why = choose_packing(config, attn_implementation, varlen_unusable) if padding == "none" else (None, "")
+    if kernel is None:  # padded batches (asked for, or the family cannot take packed ones: `why` says so)
+        kernel, padded_why = choose_attention(config, attn_implementation, flash_unusable)
+        why = f"{padded_why}; {why}" if why else padded_why
     config._attn_implementation = kernel  # read by from_pretrained; not saved with the model
     return (f"family: {family.name} ({config.model_type}) | attention={kernel} ({why}) | "
             f"length: {family.positions(config)[1]}")
+
+
+def choose_packing(config, requested: str, varlen_unusable: str) -> tuple[str | None, str]:
+    """(kernel, why) for padding-free batches: torch's varlen_attn where `varlen_unusable` is "" (the engine's:
+    CUDA sm80+, bf16/fp16), else the per-review SDPA reference; (None, why) where the family cannot take them,
+    and the run pads (dynamic)."""
+    family = family_of(config)
+    if not family.packed_at:
+        return None, f"padding none: {family.name} cannot take padding-free batches ({family.why_padded}): padded " \
+                     "batches (dynamic) instead"
+    if requested != "auto":
+        raise ConfigError(f"attn_implementation={requested} runs padded batches; with --padding none attention is "
+                          "padding-free (varlen_attn on CUDA, per-review SDPA elsewhere): use --attn_implementation "
+                          "auto, or --padding dynamic")
+    packing.register()
+    if varlen_unusable:
+        return packing.REFERENCE, (f"padding none: each review's tokens end to end, attention per review by SDPA; "
+                                   f"varlen_attn not used: {varlen_unusable}; no attention dropout, as varlen_attn")
+    return packing.VARLEN, ("padding none: each review's tokens end to end, attention by torch's varlen_attn "
+                            "(FlashAttention-2); no attention dropout (the kernel has none)")
+
+
+def packed_start(config) -> int | None:
+    """The position id of each review's first token when use_family chose padding-free batches for `config`, else
+    None: what data.collator needs to pack them."""
+    if getattr(config, "_attn_implementation", None) not in packing.KERNELS:
+        return None
+    return family_of(config).first_position(config)
 
 
 def choose_attention(config, requested: str, flash_unusable: str) -> tuple[str, str]:

@@ -24,14 +24,16 @@ from sentiment import fit, rundir
 from sentiment.config import Config
 from sentiment.data import collator, eval_batches
 from sentiment.engine import Engine
+from sentiment.packing import model_inputs
 from sentiment.errors import ModelError
 from sentiment.loop import StopRequest, out_of_memory_is_an_error
 from sentiment.mlm_data import (EVAL_EPOCH, IGNORE, MaskedTexts, Masker, MLMCollator, read_unlabeled, split_texts,
                                 tokenize_texts)
-from sentiment.model import count_params, load_checked, load_mlm_model, use_family
+from sentiment.model import count_params, load_checked, load_mlm_model, packed_start, use_family
 from sentiment.rundir import MEMORY_SNAPSHOT
 from sentiment.runlog import RunLog, check_report_to, environment
-from sentiment.train import Job, for_training, in_run_folder, print_header, run_facts, start_writing, steps
+from sentiment.header import print_header, run_facts
+from sentiment.train import Job, for_training, in_run_folder, start_writing, steps
 
 FINAL_STOP = ("while saving the model: pre-training is finished and checkpointed; stopping now. Run the same "
               "command with --resume auto to save the model")
@@ -55,7 +57,7 @@ def run(cfg: Config, engine: Engine) -> dict:
     plan = fit.plan_batch(cfg, engine.world_size)
     tokenizer, model_config = load_checked(cfg.model_name_or_path, cfg.max_length, cfg.dropout)
     family = use_family(model_config, cfg.attn_implementation, engine.flash_attention_unusable,
-                        cfg.gradient_checkpointing)
+                        cfg.gradient_checkpointing, cfg.padding, engine.varlen_unusable)
     if tokenizer.mask_token_id is None:
         raise ModelError(f"the tokenizer of {cfg.model_name_or_path} has no [MASK] token; masked-LM needs one")
     with engine.main_process_first():
@@ -73,7 +75,7 @@ def run(cfg: Config, engine: Engine) -> dict:
     model, parts = load_mlm_model(cfg.model_name_or_path, model_config, cfg.gradient_checkpointing)
     model, raw_model, optimizer, scaler = for_training(cfg, engine, model)
     masker = Masker.for_tokenizer(tokenizer, cfg)
-    collate = collator(cfg, tokenizer.pad_token_id, MLMCollator)
+    collate = collator(cfg, tokenizer.pad_token_id, MLMCollator, packed_start(model_config))
     plan = fit.fit_micro_batch(plan, cfg, engine, raw_model, MaskedTexts(train_split, masker, 0), collate)
     progress, identity = start_writing(cfg, engine, folder, resume, raw_model, optimizer, scaler, fingerprint,
                                        "pretrain")
@@ -120,7 +122,7 @@ def evaluate_mlm(model: torch.nn.Module, split, engine: Engine, batch_size: int,
     for keys in eval_batches(split.lengths, batch_size, engine.world_size, engine.rank):
         batch = engine.to_device(collate([dataset[k] for k in keys]))
         with engine.autocast():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(**model_inputs(batch)).logits
         per_token = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), reduction="none")
         picked = batch["labels"].flatten() != IGNORE
         correct = logits.flatten(0, 1).argmax(-1)[picked] == batch["labels"].flatten()[picked]

@@ -29,17 +29,18 @@ from sentiment.card import model_card
 from sentiment.config import Config
 from sentiment.data import ReviewDataset, Splits, collator, global_batches, load_splits, micro_batches
 from sentiment.engine import Engine, setup_engine
+from sentiment.header import print_header, run_facts
 from sentiment.evaluate import evaluate, f1_key
 from sentiment.labels import class_counts, head_note
 from sentiment.loop import (StopRequest, ignore_stop_signals, is_bad, lr_at, out_of_memory_is_an_error, set_lr,
                             step_totals, token_counts, too_many_bad_steps)
 from sentiment.memory import PhasePeaks
 from sentiment.model import (count_params, layer_decay_on, layer_lr_line, load_checked, load_model, load_model_config,
-                             param_groups, use_family)
+                             packed_start, param_groups, use_family)
+from sentiment.packing import PackedCollator, model_inputs
 from sentiment.report import misclassified, write_report
 from sentiment.rundir import MEMORY_SNAPSHOT
-from sentiment.runlog import (RunLog, StepClock, TimedBatches, check_report_to, console, environment, git_commit,
-                              quiet_libraries)
+from sentiment.runlog import RunLog, StepClock, TimedBatches, check_report_to, console, environment, quiet_libraries
 
 SETUP_STOP = ("before training started (reading, tokenizing, loading, probing): no step to checkpoint yet; stopping "
               "now. To start again, run the same command plus --resume auto")
@@ -93,7 +94,7 @@ def run(cfg: Config, engine: Engine) -> dict:
     # the classifier's classes are the data's (--label_names, else the training data's): id2label in the saved model
     model_config = load_model_config(cfg.model_name_or_path, cfg.dropout, splits.names)
     family = use_family(model_config, cfg.attn_implementation, engine.flash_attention_unusable,
-                        cfg.gradient_checkpointing)
+                        cfg.gradient_checkpointing, cfg.padding, engine.varlen_unusable)
     fingerprint = ckpt.fingerprint(tokenizer, splits.train, splits.val, model_config)
     if resume:
         ckpt.check_fingerprint(resume, fingerprint, engine.print)
@@ -104,7 +105,7 @@ def run(cfg: Config, engine: Engine) -> dict:
 
     model = load_model(cfg.model_name_or_path, config=model_config, gradient_checkpointing=cfg.gradient_checkpointing)
     model, raw_model, optimizer, scaler = for_training(cfg, engine, model)
-    collate = collator(cfg, tokenizer.pad_token_id)
+    collate = collator(cfg, tokenizer.pad_token_id, first_position=packed_start(model_config))  # padded or packed
     plan = fit.fit_micro_batch(plan, cfg, engine, raw_model, ReviewDataset(splits.train), collate)  # auto: probes
     progress, identity = start_writing(cfg, engine, folder, resume, raw_model, optimizer, scaler, fingerprint)
     if progress.out_of_patience(cfg.early_stopping_patience):  # a resumed run that had stopped early: only finish
@@ -142,7 +143,7 @@ def run(cfg: Config, engine: Engine) -> dict:
 def for_training(cfg: Config, engine: Engine, model: torch.nn.Module) -> tuple:
     """(model wrapped for training, the raw model, AdamW, GradScaler) for a freshly loaded `model`."""
     engine.seed_per_rank(cfg.seed)  # from here on torch draws dropout masks, which must differ across ranks
-    model = engine.wrap(model, compile=cfg.compile)
+    model = engine.wrap(model, compile=cfg.compile, packed=packed_start(model.config) is not None)
     raw_model = engine.unwrap(model)  # without DDP and compile wrappers: for clipping and saving
     optimizer = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay, cfg.layer_lr_decay), lr=cfg.lr,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=engine.fused_adamw)
@@ -180,7 +181,7 @@ class Job:
     total_steps: int
     warmup_steps: int
     dataset: Callable[[int], torch.utils.data.Dataset]  # epoch -> its examples, keyed (index, weight)
-    collate: Callable[[list], dict[str, torch.Tensor]]  # -> input_ids, attention_mask, labels, weights
+    collate: Callable[[list], dict]  # -> the model's inputs (padded or packed: packing.py), labels, weights
     evaluate: Callable[[torch.nn.Module], tuple[dict, object]] | None  # -> (metrics, per-example output)
     eval_name: str = "val"  # the split it evaluates on, as logged
     select_best: bool = False  # keep track of the best model by val accuracy (and stop early on it)
@@ -209,7 +210,7 @@ def steps(cfg: Config, engine: Engine, job: Job, stop: StopRequest, log: RunLog)
             # DDP all-reduces gradients only on the last micro-batch of the accumulation group
             with engine.no_sync(model, sync=micro_step == accum - 1):
                 with engine.autocast():
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    logits = model(**model_inputs(batch)).logits
                 # cross-entropy per target in fp32: a classifier's (B, 2) logits have one per review, a masked LM's
                 # (B, T, vocab) one per token (labels -100 where none). Each weighted (a review's 1/global batch,
                 # shared out over its predicted tokens): the sum over all micro-batches and ranks is the exact
@@ -264,48 +265,13 @@ def epoch_batches(cfg: Config, engine: Engine, dataset: ReviewDataset, collate, 
                   first: int) -> TimedBatches:
     """This rank's micro-batches for epoch `epoch` from global batch `first` on. The order depends only on
     (seed, epoch), so a resumed run skips the batches it has done without replaying them."""
-    order = global_batches(dataset.split.lengths, plan.global_batch, cfg.seed, epoch, cfg.shuffle,
-                           cfg.group_by_length)[first:]
+    group = cfg.group_by_length and not isinstance(collate, PackedCollator)  # packed batches have no padding to cut
+    order = global_batches(dataset.split.lengths, plan.global_batch, cfg.seed, epoch, cfg.shuffle, group)[first:]
     keys = [mb for gb in order for mb in micro_batches(gb, engine.world_size, plan.accum, engine.rank)]
     return TimedBatches(torch.utils.data.DataLoader(
         dataset, batch_sampler=keys, collate_fn=collate, num_workers=cfg.num_workers,
         pin_memory=engine.pin_memory, generator=torch.Generator(),  # its own generator: the global RNG is left alone
         worker_init_fn=ignore_stop_signals))
-
-
-def print_header(cfg: Config, engine: Engine, env: dict, model: torch.nn.Module, plan: fit.BatchPlan,
-                 steps_per_epoch: int, warmup_steps: int, resumed_at: int | None, lines: list[str]) -> None:
-    """The run's first lines: where and with what it runs, the run's own `lines` (its data, its model), the
-    batch and step arithmetic, and the memory it needs against what is free (with a warning and the fixes
-    before the first step, if too much)."""
-    engine.print(f"run: {cfg.output_dir} | git {git_commit()} | torch {env['torch']} | "
-                 f"transformers {env['transformers']} | {env['device_name']}")
-    engine.print("config: " + " ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
-    for line in lines:
-        engine.print(line)
-    steps = f"max_steps {cfg.max_steps}" if cfg.max_steps else f"x {cfg.epochs} epochs = {cfg.epochs * steps_per_epoch}"
-    engine.print(f"batch: global {plan.global_batch} = micro {plan.micro} x accum {plan.accum} x "
-                 f"world {engine.world_size} | {steps_per_epoch} steps/epoch {steps} steps | "
-                 f"warmup {warmup_steps} steps"
-                 + (f" | resuming at step {resumed_at}" if resumed_at is not None else ""))
-    if plan.why:
-        engine.print(f"fit: {plan.why}")
-    free = engine.memory()["free"]
-    params = [(p.numel(), p.element_size(), p.requires_grad) for p in model.parameters()]
-    for line in fit.memory_lines(fit.memory_estimate(params, plan.activations, free), free, plan, str(engine.device)):
-        engine.print(line)
-
-
-def run_facts(engine: Engine, log: RunLog, plan: fit.BatchPlan, env: dict, started: float,
-              rss_peaks: dict[str, float] | None = None) -> dict:
-    """What results.json says of the run itself, besides its metrics: speed, batch, time, memory (and this
-    process's peak memory per phase, `rss_peaks`, if measured), where."""
-    return {"samples_per_second": log.samples_per_second, "train_seconds": log.train_seconds,
-            "batch": {"global": plan.global_batch, "micro": plan.micro, "accum": plan.accum, "world": plan.world},
-            "runtime_s": time.perf_counter() - started,
-            "peak_mem_mb": engine.peak_memory_mb(tuple((rss_peaks or {}).values())),
-            **({"peak_rss_mb": rss_peaks} if rss_peaks else {}),
-            "engine": list(engine.decisions), "environment": env, "model_dir": str(log.out / "model")}
 
 
 def finish(cfg: Config, engine: Engine, model, tokenizer, splits: Splits, progress: ckpt.Progress,
