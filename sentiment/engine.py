@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib.util
 import logging
 import os
 from dataclasses import dataclass, field
@@ -85,7 +86,8 @@ class Engine:
         """Why torch's varlen_attn (its own FlashAttention-2, no package needed) cannot run here, or "" where it can."""
         if self.device.type != "cuda" or self.amp_dtype is None or torch.cuda.get_device_capability(self.device)[0] < 8:
             return "it runs on Ampere+ CUDA GPUs (sm80) in bf16/fp16 only"
-        return "" if hasattr(torch.nn.attention, "varlen") else f"torch {torch.__version__} has no varlen_attn"
+        varlen = importlib.util.find_spec("torch.nn.attention.varlen") is not None
+        return "" if varlen else f"torch {torch.__version__} has no torch.nn.attention.varlen (2.9+ has)"
 
     @property
     def pin_memory(self) -> bool:
