@@ -2,7 +2,7 @@
 
 Reading (hub, parquet/CSV/JSONL, an aclImdb folder), checking, the labels as class ids (labels.py),
 subsampling as the tutorial does, a stratified validation split, truncation strategies, cached
-tokenization with `datasets.map`, length-grouped global batches, and the dynamic-padding collate function.
+tokenization with `datasets.map`, length-grouped global batches, and the collate function (padding-free: packing.py).
 No device moves and no dtype choices here: that is engine.py's job.
 """
 
@@ -16,11 +16,10 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from sentiment import labels
 from sentiment.config import Config
 from sentiment.errors import DataError
 from sentiment.memory import PhasePeaks
-
-from sentiment import labels
 from sentiment.packing import PackedCollator
 from sentiment.rows import check_split, first_bad_json_line, is_blank  # check_split: also imported from here (split_data.py)
 

@@ -71,15 +71,14 @@ class Engine:
                                     growth_interval=self.growth_interval, enabled=self.precision == "fp16")
 
     def to_device(self, batch: dict) -> dict:
-        # non_blocking copies overlap with compute; they need pinned host memory (see pin_memory). A packed batch's
-        # max_length_q/_k are ints: they stay on the host, where the kernels read them
+        # non_blocking copies overlap with compute, from pinned host memory (pin_memory); ints stay (max_length_q)
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     @property
     def flash_attention_unusable(self) -> str:
         """Why FlashAttention-2 cannot run here, or "" where it can: CUDA, an Ampere+ GPU, bf16/fp16, flash_attn."""
         from transformers.utils import is_flash_attn_2_available
-        return self.varlen_unusable or ("" if is_flash_attn_2_available() else "the flash_attn package is not installed")
+        return self.varlen_unusable or ("" if is_flash_attn_2_available() else "the flash_attn package is missing")
 
     @property
     def varlen_unusable(self) -> str:
@@ -98,26 +97,24 @@ class Engine:
         """One kernel for the whole AdamW update instead of a dozen per parameter (CPU and CUDA)."""
         return self.device.type in ("cuda", "cpu")
 
-    def wrap(self, model: torch.nn.Module, compile: bool = False, inference: bool = False,
-             packed: bool = False) -> torch.nn.Module:
-        """Move to the device, optionally torch.compile, and wrap in DDP when distributed. inference=True (evaluate/
-        predict of a saved model, never training) also stores the weights in the bf16/fp16 precision: autocast would
-        otherwise re-cast every weight in every forward. packed: padding-free batches, every one its own length."""
+    def wrap(self, model: torch.nn.Module, compile=False, inference=False, packed=False) -> torch.nn.Module:
+        """Move to the device, optionally torch.compile (packed: for padding-free rows), and wrap in DDP when
+        distributed. inference=True (evaluate/predict of a saved model, never training) also stores the weights in
+        bf16/fp16: autocast would otherwise re-cast every weight in every forward."""
         model = model.to(self.device)
         if inference and self.amp_dtype is not None:
             model = model.to(self.amp_dtype)
             self.print(f"engine: weights={self.precision} (inference only: saves autocast's per-forward "
                        "weight casts, ~10% faster on CPU; training keeps fp32 master weights)")
-        if compile and packed:  # a packed row's length is its reviews' total: one graph for all lengths
-            self.print("engine: compile=on (dynamic shapes: padding-free rows have any length)")
-            model = torch.compile(model, dynamic=True)
-        elif compile:
-            # lengths are padded to multiples of 64 (see data.pad_multiple), so at most 8 shapes per
-            # batch size: compile each statically rather than paying for dynamic-shape kernels
+        if compile:
+            # padded lengths are multiples of 64 (data.pad_multiple): at most 8 shapes per batch size, each compiled
+            # statically; a padding-free row has any length (its reviews' total): one graph with dynamic shapes
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            self.print("engine: compile=on (static shapes; torch._dynamo's cache_size_limit raised to "
-                       f"{torch._dynamo.config.cache_size_limit} for this process: one graph per padded length)")
-            model = torch.compile(model, dynamic=False)
+            limit = torch._dynamo.config.cache_size_limit
+            self.print("engine: compile=on (" + ("dynamic shapes: padding-free rows have any length" if packed else
+                       f"static shapes; torch._dynamo's cache_size_limit raised to {limit} for this process: one "
+                       "graph per padded length") + ")")
+            model = torch.compile(model, dynamic=packed)
         if self.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             model = DDP(model, device_ids=device_ids)
@@ -133,8 +130,7 @@ class Engine:
     @staticmethod
     def local_model(model: torch.nn.Module) -> torch.nn.Module:
         """The model without its DDP wrapper (still compiled, if it was), for evaluation: DDP broadcasts buffers in a
-        forward, so ranks running different numbers of eval batches (a rank may have none) would pair that broadcast
-        with another collective and hang."""
+        forward, and ranks running different numbers of eval batches would pair that with another collective: a hang."""
         return model.module if isinstance(model, DDP) else model
 
     def no_sync(self, model: torch.nn.Module, sync: bool):
@@ -193,18 +189,15 @@ class Engine:
         mem.reset_peak(self.device)
 
     def peak_memory_mb(self, earlier: tuple[float, ...] = ()) -> float:
-        """Peak allocated device memory on CUDA; peak resident set size of this process on CPU (or the largest
-        `earlier` peak of train's phases, see memory.PhasePeaks)."""
+        """Peak device memory on CUDA; this process's peak RSS on CPU (or the largest `earlier`: memory.PhasePeaks)."""
         return mem.peak_mb(self.device, earlier)
 
     def record_memory_history(self, on: bool = True) -> bool:
-        """CUDA: keep every allocation's stack from now on (until on=False), for write_memory_snapshot; False
-        elsewhere."""
+        """CUDA: keep every allocation's stack from now on (until on=False), for write_memory_snapshot."""
         return mem.record_history(self.device, on)
 
     def write_memory_snapshot(self, path: Path) -> Path | None:
-        """CUDA: the allocator's snapshot at `path` (rank r > 0: NAME_rankR.pickle), for pytorch.org/memory_viz;
-        None elsewhere."""
+        """CUDA: the allocator's snapshot at `path` (rank r > 0: NAME_rankR.pickle), for pytorch.org/memory_viz."""
         path = path.with_stem(f"{path.stem}_rank{self.rank}") if self.rank else path
         return mem.write_snapshot(self.device, path)
 
