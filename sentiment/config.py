@@ -44,7 +44,7 @@ class Config:
     max_length: int = 512  # tokens per review, [CLS] and [SEP] included
     truncation: str = "head"  # head | tail | head_tail (first 128 + last max_length-130 tokens, Sun et al. 2019)
     padding: str = "dynamic"  # dynamic (to the longest in the batch) | max_length (the tutorial's, wastes ~46%) | none (padding-free: each review's tokens end to end, attention per review; no attention dropout)
-    group_by_length: bool = True  # batch reviews of similar length (still shuffled); cuts padding to <3%
+    group_by_length: bool = True  # batch reviews of similar length (still shuffled); cuts padding to <3%; padded batches only (padding none has none to cut)
     shuffle: bool = True  # shuffle the training order each epoch; off only for debugging and parity checks
 
     # model
