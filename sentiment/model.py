@@ -206,16 +206,15 @@ def use_family(config, attn_implementation: str, flash_unusable: str, gradient_c
 
 def choose_packing(config, requested: str, varlen_unusable: str) -> tuple[str | None, str]:
     """(kernel, why) for padding-free batches: torch's varlen_attn where `varlen_unusable` is "" (the engine's:
-    CUDA sm80+, bf16/fp16), else the per-review SDPA reference; (None, why) where the family cannot take them,
-    and the run pads (dynamic)."""
+    CUDA sm80+, bf16/fp16), else the per-review SDPA reference; (None, why) where the family cannot take them or
+    another kernel was `requested` by name, and the run pads (dynamic)."""
     family = family_of(config)
     if not family.packed_at:
         return None, f"padding none: {family.name} cannot take padding-free batches ({family.why_padded}): padded " \
                      "batches (dynamic) instead"
-    if requested != "auto":
-        raise ConfigError(f"attn_implementation={requested} runs padded batches; with --padding none attention is "
-                          "padding-free (varlen_attn on CUDA, per-review SDPA elsewhere): use --attn_implementation "
-                          "auto, or --padding dynamic")
+    if requested != "auto":  # a kernel asked for by name is one of transformers' padded ones
+        return None, (f"padding none not used: attn_implementation={requested} runs padded batches (dynamic); "
+                      "padding-free ones bring their own kernels under auto")
     packing.register()
     if varlen_unusable:
         return packing.REFERENCE, (f"padding none: each review's tokens end to end, attention per review by SDPA; "
