@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from sentiment.config import Config
 from sentiment.engine import Engine
-from sentiment.packing import model_inputs
+from sentiment.packing import is_packed, model_inputs
 from sentiment.errors import ConfigError, TrainingError
 
 # A knob for tests and simulations, not for runs: the probe behaves as if the device ran out of memory
@@ -98,7 +98,8 @@ def probe(model: torch.nn.Module, engine: Engine, batch: dict[str, torch.Tensor]
     (AdamW's state, which the first optimizer step allocates) held aside; None where the device does not
     measure. Raises engine.out_of_memory if it does not fit (or the test knob says so)."""
     limit = int(os.environ.get(PROBE_LIMIT_ENV) or 0)
-    if limit and len(batch["input_ids"]) > limit:
+    reviews = len(batch["cu_seq_lens_q"]) - 1 if is_packed(batch) else len(batch["input_ids"])  # packed: 1 row
+    if limit and reviews > limit:
         raise engine.out_of_memory(f"{PROBE_LIMIT_ENV}={limit}: simulated out of memory")
     engine.reset_peak_memory()
     start = engine.memory()["allocated"]

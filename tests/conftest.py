@@ -141,6 +141,12 @@ def read_metrics(run: Path) -> tuple[list[dict], list[dict]]:
     return [r for r in rows if "split" not in r], [r for r in rows if "split" in r]
 
 
+def is_timing(key: str) -> bool:
+    """Fields that measure the machine, not the math, or say where the run is: they differ between any two runs."""
+    return key.endswith(("_ms", "_s", "_seconds", "_per_second")) or key in ("peak_mem_mb", "peak_rss_mb", "mfu",
+                                                                             "environment", "model_dir")
+
+
 def last_step(run: Path) -> int:
     """The highest step in metrics.jsonl so far (0 before the first row; a half-written row is ignored):
     safe to call while a run is writing the file."""

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (REPO, cli_args, last_step, metrics_rows, read_metrics, saved_weights, sigterm_at_step,
-                      subprocess_env)
+from conftest import (REPO, cli_args, is_timing, last_step, metrics_rows, read_metrics, saved_weights,
+                      sigterm_at_step, subprocess_env)
 from safetensors.torch import load_file, save_file
 
 from sentiment import checkpoint as ckpt
@@ -33,12 +33,6 @@ from sentiment.errors import ConfigError, TrainingError
 from sentiment.model import load_model
 from sentiment.tiny import make_reviews, make_tokenizer, write_jsonl
 from sentiment.train import train
-
-
-def is_timing(key: str) -> bool:
-    """Fields that measure the machine, not the math, or say where the run is: they differ between any two runs."""
-    return key.endswith(("_ms", "_s", "_seconds", "_per_second")) or key in ("peak_mem_mb", "peak_rss_mb", "mfu",
-                                                                             "environment", "model_dir")
 
 
 # 64 reviews, micro-batch 8, 3 epochs: 8 steps per epoch, 24 steps, an evaluation at steps 8, 16, 24
