@@ -328,14 +328,12 @@ def test_a_family_that_cannot_pack_runs_padded_and_says_why(family):
     assert type(collator(Config(padding="none"), 1, first_position=packed_start(config))) is Collator
 
 
-def test_attn_implementation_with_padding_none_is_one_error_line(tiny_dirs, tmp_path, capsys):
-    code = main(["train", "--model_name_or_path", str(tiny_dirs[0]), "--data_dir", str(tiny_dirs[1]), "--n_train", "16",
-                 "--n_test", "8", "--max_length", "64", "--device", "cpu", "--padding", "none",
-                 "--attn_implementation", "eager", "--output_dir", str(tmp_path / "run")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: attn_implementation=eager"), err
-    assert "--padding none" in err[0] and "--attn_implementation auto" in err[0]
-    assert not (tmp_path / "run").exists()
+def test_an_attention_kernel_asked_for_by_name_runs_padded_and_says_so():
+    config = tiny_model_config("bert", 64, 0)
+    line = use_family(config, "eager", "on CPU", padding="none", varlen_unusable="on CPU")
+    assert "attention=eager (requested; padding none not used: attn_implementation=eager runs padded" in line
+    assert packed_start(config) is None and config._attn_implementation == "eager"
+    assert type(collator(Config(padding="none"), 0, first_position=packed_start(config))) is Collator
 
 
 @pytest.mark.parametrize("family", ["bert", "albert"])  # transformers' checkpointing, and ours (ALBERT)
