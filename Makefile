@@ -6,6 +6,7 @@
 #   make smoke                      a tiny random model end to end, offline, in seconds
 #   make ddp NPROC=2 ARGS="..."     the same training under torchrun (DDP)
 #   make bench / make compare       speed against the HF Trainer / per-step parity with it
+#   make bench-gpu BENCH_OUT=DIR    the same on a GPU: bert-base, MFU, ~6 minutes (README "On a GPU")
 #   make seeds ARGS="--seeds 1,2,3 -- FLAGS"   one training per seed, then mean ± std of the test metrics
 #   make gpu-prepare / make gpu-check OUT=DIR    every GPU path and recipe in one ~10-minute go (see README "On a GPU")
 # Everything lives in a virtual environment ($(VENV)); point VENV at an existing one to reuse it.
@@ -23,7 +24,7 @@ DATA ?= runs/imdb_split
 RUN ?= runs/latest
 
 .PHONY: install install-test train pretrain test test-gpu smoke ddp bench compare seeds data plot clean \
-	gpu-prepare gpu-check
+	gpu-prepare gpu-check bench-gpu
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -93,6 +94,14 @@ gpu-prepare: install-test
 gpu-check:
 	$(PY) scripts/gpu_check.py $(if $(CARRY),--data $(CARRY)/imdb --model $(CARRY)/minilm --wheels $(CARRY)/wheels) \
 		$(ARGS) $(OUT)
+
+# scripts/bench_gpu.py: the tutorial recipe and a full-data epoch of bert-base's architecture, inference and our paths'
+# accuracy, ours against the Trainer, each contender time-boxed, bench.md and bench.json into BENCH_OUT (--quick: the
+# tiny model on the CPU, seconds). No install step, as gpu-check: `make bench-gpu PY=python3 CARRY=.gpu BENCH_OUT=$OUT`.
+BENCH_OUT ?= runs/bench_gpu_out
+bench-gpu:
+	$(PY) scripts/bench_gpu.py $(if $(CARRY),--data $(CARRY)/imdb --model $(CARRY)/minilm --wheels $(CARRY)/wheels) \
+		$(ARGS) $(BENCH_OUT)
 
 plot: install
 	$(PY) -m sentiment plot $(RUN)

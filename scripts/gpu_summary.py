@@ -46,10 +46,17 @@ def median_mfu(run: Path) -> float | None:
 
 
 def bench_figures(ctx) -> dict:
-    report = read_json(ctx.work / "bench" / "bench.json").get("training", {})
-    out = {f"{k} wall_s": v["wall_s"] for k, v in report.get("contenders", {}).items()}
-    out.update({f"{k} samples/s": v["samples_per_second"] for k, v in report.get("contenders", {}).items()})
-    out.update({f"{k} wall ratio": v["wall_ratio"] for k, v in report.get("ratios", {}).items()})
+    """bench_gpu.py's bench.json: the matmul rate, each training row's wall and steady tokens/s, each inference
+    row's reviews/s, each accuracy row's test accuracy; a row that did not finish, its status."""
+    report = read_json(ctx.work / "bench" / "bench.json")
+    out = {"matmul TFLOP/s": report.get("matmul", {}).get("tflops")}
+    shown = {"inference": ("reviews_per_second",), "accuracy": ("accuracy",)}
+    for row in report.get("rows", []):
+        key = f"{row['part']} {row['name']}"
+        if row["status"] != "ok":
+            out[key] = row["status"]
+        for figure in shown.get(row["part"], ("wall_s", "tokens_per_s")):
+            out[f"{key} {figure}"] = row.get(figure)
     return out
 
 

@@ -19,7 +19,11 @@ tutorial literally does (the selected reviews are the same either way; by defaul
 selected reviews are tokenized, which is faster for the Trainer); local files instead of the hub.
 
 The Trainer "at its best" (issue 3): `--padding dynamic --group_by_length` (DataCollatorWithPadding,
-padded to a multiple of 8, and train_sampling_strategy="group_by_length").
+padded to a multiple of 8, and train_sampling_strategy="group_by_length"); on a GPU (scripts/bench_gpu.py) also
+`--precision bf16 --optim adamw_torch_fused --attn_implementation sdpa`, and `--torch_compile` where it pays.
+`--truncation head_tail` keeps the first 128 and the last max_length-130 tokens, as `sentiment` does, for
+the full-data recipe; `--step_log FILE` writes one JSON line per optimizer step (samples, real
+and padded tokens, milliseconds, peak memory), flushed as it goes, so a run stopped early still leaves its speed.
 
     python scripts/trainer_tutorial.py --model M --data_dir runs/imdb_split --n_train 1000 --epochs 1
     python scripts/trainer_tutorial.py --predict DIR --data_dir runs/imdb_split --n_test 2000   # inference only
@@ -32,6 +36,7 @@ way `sentiment` measures its own (summed optimizer-step time, real and padded to
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import resource
 import sys
@@ -59,6 +64,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pad_to_multiple_of", type=int, default=8, help="with --padding dynamic (as sentiment does)")
     p.add_argument("--group_by_length", action="store_true",
                    help='train_sampling_strategy="group_by_length" (LengthGroupedSampler)')
+    p.add_argument("--truncation", choices=("head", "head_tail"), default="head",
+                   help="head: the tokenizer's truncation=True; head_tail: first 128 + last max_length-130 tokens")
+    p.add_argument("--optim", default="", help='TrainingArguments.optim, e.g. adamw_torch_fused ("": its default)')
+    p.add_argument("--attn_implementation", default="", help='e.g. sdpa or eager ("": the model class default)')
+    p.add_argument("--torch_compile", action="store_true", help="TrainingArguments(torch_compile=True)")
+    p.add_argument("--step_log", default="", help="write a JSON line per optimizer step to this file")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="fp32 is the tutorial's; bf16/fp16 set TrainingArguments(bf16/fp16=True)")
     p.add_argument("--epochs", type=float, default=3.0)
@@ -104,26 +115,38 @@ def take(ds, n: int, seed: int):
 
 
 class CountingCollator:
-    """Wraps a collator; while `active` (training epochs), counts real and padded tokens of the batches."""
+    """Wraps a collator; while `active` (training epochs), counts real and padded tokens of the batches and
+    queues each batch's (samples, real tokens, padded tokens) for the step that will use it."""
 
     def __init__(self, inner):
         self.inner = inner
         self.active = False
         self.real_tokens = 0
         self.padded_tokens = 0
+        self.pending = collections.deque()
 
     def __call__(self, features):
         batch = self.inner(features)
         if self.active:
             mask = batch["attention_mask"]
-            self.real_tokens += int(mask.sum())
-            self.padded_tokens += mask.numel()
+            counts = (len(mask), int(mask.sum()), mask.numel())
+            self.real_tokens += counts[1]
+            self.padded_tokens += counts[2]
+            self.pending.append(counts)
         return batch
 
+    def take(self, n: int) -> tuple[int, int, int]:
+        """The summed counts of the `n` oldest queued batches (one optimizer step's micro-batches)."""
+        taken = [self.pending.popleft() for _ in range(min(n, len(self.pending)))]
+        return tuple(sum(c[i] for c in taken) for i in range(3))
 
-def make_timer_callback(counter: CountingCollator):
+
+def make_timer_callback(counter: CountingCollator, step_log: str = ""):
     """A TrainerCallback summing the wall time of optimizer steps (batch fetch included, evaluation
-    excluded), the way sentiment's `samples_per_second` does, and switching token counting on in epochs."""
+    excluded), the way sentiment's `samples_per_second` does, and switching token counting on in epochs.
+    With `step_log`, each step's row goes to that file, with the counts of the batches the step used (taken from
+    the collator's queue: accelerate's loader collates one batch ahead). No CUDA sync is added: a step's time is
+    the host's, which the queue of launched kernels keeps within a step or so of the device's."""
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
@@ -131,6 +154,9 @@ def make_timer_callback(counter: CountingCollator):
             self.train_seconds = 0.0
             self.eval_seconds = 0.0
             self.mark = 0.0
+            if step_log:
+                Path(step_log).parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(step_log, "w") if step_log else None
 
         def on_epoch_begin(self, args, state, control, **kwargs):
             counter.active = True
@@ -139,6 +165,13 @@ def make_timer_callback(counter: CountingCollator):
         def on_step_end(self, args, state, control, **kwargs):
             now = time.perf_counter()
             self.train_seconds += now - self.mark
+            samples, real, padded = counter.take(args.gradient_accumulation_steps)
+            if self.file:
+                self.file.write(json.dumps({"step": state.global_step, "max_steps": state.max_steps,
+                                            "samples": samples, "tokens": real, "padded_tokens": padded,
+                                            "step_ms": (now - self.mark) * 1e3, "peak_mem_mb": peak_memory_mb()})
+                                + "\n")
+                self.file.flush()
             self.mark = now
 
         def on_epoch_end(self, args, state, control, **kwargs):
@@ -152,11 +185,16 @@ def make_timer_callback(counter: CountingCollator):
 
 def tokenize_splits(args, tokenizer, raw: dict) -> dict:
     """{split: tokenized Dataset} of n_train/n_test reviews drawn with the seed, padded as --padding says."""
+    padding = "max_length" if args.padding == "max_length" else False
 
     def tokenize_function(examples):
-        if args.padding == "max_length":
-            return tokenizer(examples["text"], padding="max_length", truncation=True, max_length=args.max_length)
-        return tokenizer(examples["text"], truncation=True, max_length=args.max_length)
+        if args.truncation == "head":
+            return tokenizer(examples["text"], padding=padding, truncation=True, max_length=args.max_length)
+        keep = args.max_length - 2  # [CLS] + first 128 + last keep-128 + [SEP], as sentiment.data.truncate_ids
+        ids = [x if len(x) <= keep else x[:128] + x[len(x) - (keep - 128):] for x in
+               tokenizer(examples["text"], add_special_tokens=False, verbose=False)["input_ids"]]
+        ids = [[tokenizer.cls_token_id, *x, tokenizer.sep_token_id] for x in ids]
+        return tokenizer.pad({"input_ids": ids}, padding=padding, max_length=args.max_length)
 
     sizes = {"train": args.n_train, "test": args.n_test}
     if args.tokenize_all:  # the tutorial: dataset.map(tokenize_function, batched=True), then select
@@ -190,10 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_name)
     tokenized = tokenize_splits(args, tokenizer, load_raw(args, ("test",) if args.predict else ("train", "test")))
 
-    model = AutoModelForSequenceClassification.from_pretrained(model_name, num_labels=2)
+    attention = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
+    model = AutoModelForSequenceClassification.from_pretrained(model_name, num_labels=2, **attention)
     counter = CountingCollator(default_data_collator if args.padding == "max_length" else
                                DataCollatorWithPadding(tokenizer, pad_to_multiple_of=args.pad_to_multiple_of or None))
-    timer = make_timer_callback(counter)
+    timer = make_timer_callback(counter, args.step_log)
     training_args = TrainingArguments(
         output_dir=args.output_dir,
         eval_strategy="epoch",  # the tutorial's one setting; the rest below only restate its values or flags
@@ -207,12 +246,17 @@ def main(argv: list[str] | None = None) -> int:
         use_cpu=not torch.cuda.is_available(),  # transformers 5 refuses bf16 without a GPU unless told it is CPU
         train_sampling_strategy="group_by_length" if args.group_by_length else "random",
         report_to="none",
+        torch_compile=args.torch_compile,
+        **({"optim": args.optim} if args.optim else {}),
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=tokenized.get("train"),
                       eval_dataset=tokenized["test"], data_collator=counter, compute_metrics=accuracy,
                       callbacks=[timer])
     results = {"contender": "trainer", "model": model_name, "padding": args.padding,
-               "group_by_length": args.group_by_length, "precision": args.precision,
+               "group_by_length": args.group_by_length, "precision": args.precision, "truncation": args.truncation,
+               "optim": getattr(training_args.optim, "value", training_args.optim),
+               "attn_implementation": model.config._attn_implementation,
+               "torch_compile": args.torch_compile,
                "threads": torch.get_num_threads(), "transformers": __import__("transformers").__version__}
     if args.predict:
         start = time.perf_counter()

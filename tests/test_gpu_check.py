@@ -138,13 +138,12 @@ def test_dry_run_of_every_step_on_a_prepared_carry_folder(tmp_path):
 
 
 def test_bench_figures_read_what_the_benchmark_writes(tmp_path):
-    bench = load_script("benchmark")
-    record = {"wall_s": 10.0, "samples_per_second": 100.0, "tokens_per_second": 1e4, "padded_fraction": 0.02,
-              "max_rss_mb": 1e3, "accuracy": 0.8, "loss": 0.4}
-    runs = {"ours:auto": [record], "tutorial:fp32": [{**record, "wall_s": 30.0, "samples_per_second": 25.0}]}
-    _, training = bench.summarize_training(runs, [("ours", "auto"), ("tutorial", "fp32")])
+    rows = [{"part": "tutorial", "name": "ours", "status": "ok", "wall_s": 30.0, "tokens_per_s": 9e4},
+            {"part": "tutorial", "name": "ours_compile", "status": "timeout (45 s box)", "wall_s": 45.0},
+            {"part": "accuracy", "name": "ours_packed", "status": "ok", "wall_s": 20.0, "accuracy": 0.81}]
     (tmp_path / "bench").mkdir()
-    (tmp_path / "bench" / "bench.json").write_text(json.dumps({"training": training}))
+    (tmp_path / "bench" / "bench.json").write_text(json.dumps({"matmul": {"tflops": 700.0}, "rows": rows}))
     found = summary.bench_figures(argparse.Namespace(work=tmp_path))
-    assert found == {"ours:auto wall_s": 10.0, "tutorial:fp32 wall_s": 30.0, "ours:auto samples/s": 100.0,
-                     "tutorial:fp32 samples/s": 25.0, "ours:auto vs tutorial:fp32 wall ratio": 3.0}
+    assert found == {"matmul TFLOP/s": 700.0, "tutorial ours wall_s": 30.0, "tutorial ours tokens_per_s": 9e4,
+                     "tutorial ours_compile": "timeout (45 s box)", "tutorial ours_compile wall_s": 45.0,
+                     "tutorial ours_compile tokens_per_s": None, "accuracy ours_packed accuracy": 0.81}
