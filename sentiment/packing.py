@@ -76,9 +76,10 @@ def reference_attention(module, query, key, value, attention_mask, scaling=None,
     SDPA over each review's slice alone. Returns (1, T, heads, head_dim) as transformers' SDPA does. One call per
     review was the fastest CPU variant measured (README, "Padding-free": against one SDPA over the reviews
     padded again, and a (T, T) block-diagonal mask, which costs T^2 and was 4-12x slower)."""
-    cu = boundaries(kwargs, "reference_attention").tolist()
-    out = torch.cat([F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], scale=scaling)
-                     for a, b in zip(cu[:-1], cu[1:])], dim=2)
+    cu = boundaries(kwargs, "reference_attention")
+    sizes = (cu[1:] - cu[:-1]).tolist()  # split, not slices: its backward is one cat, not a zero-fill + add per review
+    out = torch.cat([F.scaled_dot_product_attention(q, k, v, scale=scaling) for q, k, v in
+                     zip(query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2))], dim=2)
     return out.transpose(1, 2).contiguous(), None
 
 
