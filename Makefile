@@ -97,7 +97,7 @@ gpu-check:
 
 # scripts/bench_gpu.py: the tutorial recipe and a full-data epoch of bert-base's architecture, inference and our paths'
 # accuracy, ours against the Trainer, each contender time-boxed, bench.md and bench.json into BENCH_OUT (--quick: the
-# tiny model on the CPU, seconds). No install step, as gpu-check: `make bench-gpu PY=python3 CARRY=.gpu BENCH_OUT=$OUT`.
+# tiny model on the CPU, about a minute). No install step, as gpu-check: `make bench-gpu PY=python3 CARRY=.gpu BENCH_OUT=$OUT`.
 BENCH_OUT ?= runs/bench_gpu_out
 bench-gpu:
 	$(PY) scripts/bench_gpu.py $(if $(CARRY),--data $(CARRY)/imdb --model $(CARRY)/minilm --wheels $(CARRY)/wheels) \

@@ -43,8 +43,8 @@ class Config:
     val_fraction: float = 0.0  # share of the n_train reviews held out (stratified) for model selection; 0 = off
     max_length: int = 512  # tokens per review, [CLS] and [SEP] included
     truncation: str = "head"  # head | tail | head_tail (first 128 + last max_length-130 tokens, Sun et al. 2019)
-    padding: str = "dynamic"  # dynamic (to the longest in the batch) | max_length (the tutorial's, wastes ~46%) | none (padding-free: each review's tokens end to end, attention per review; no attention dropout)
-    group_by_length: bool = True  # batch reviews of similar length (still shuffled); cuts padding to <3%; padded batches only (padding none has none to cut)
+    padding: str = "none"  # none (padding-free: each review's tokens end to end, attention per review; no attention dropout) | dynamic (to the longest in the batch) | max_length (the tutorial's, wastes ~46%)
+    group_by_length: bool = True  # padded batches: batch reviews of similar length (still shuffled), cutting padding to <3%; padding none keeps the shuffle (no padding to cut)
     shuffle: bool = True  # shuffle the training order each epoch; off only for debugging and parity checks
 
     # model

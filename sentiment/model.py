@@ -216,11 +216,10 @@ def choose_packing(config, requested: str, varlen_unusable: str) -> tuple[str | 
         return None, (f"padding none not used: attn_implementation={requested} runs padded batches (dynamic); "
                       "padding-free ones bring their own kernels under auto")
     packing.register()
+    why = "padding none (the default; README: Padding-free batches): each review's tokens end to end, attention"
     if varlen_unusable:
-        return packing.REFERENCE, (f"padding none: each review's tokens end to end, attention per review by SDPA; "
-                                   f"varlen_attn not used: {varlen_unusable}; no attention dropout, as varlen_attn")
-    return packing.VARLEN, ("padding none: each review's tokens end to end, attention by torch's varlen_attn "
-                            "(FlashAttention-2); no attention dropout (the kernel has none)")
+        return packing.REFERENCE, f"{why} per review by SDPA (varlen_attn: {varlen_unusable}); no attention dropout"
+    return packing.VARLEN, f"{why} by torch's varlen_attn (FlashAttention-2); no attention dropout (it has none)"
 
 
 def packed_start(config) -> int | None:

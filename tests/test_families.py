@@ -155,7 +155,7 @@ def test_attention_is_chosen_per_family_and_printed_with_its_reason():
 def test_a_requested_kernel_is_what_the_model_runs(tmp_path, data, capsys):
     model = write_family("bert", tmp_path)
     train(settings(model, data, tmp_path / "run", attn_implementation="eager", max_steps=1))
-    assert "attention=eager (requested)" in capsys.readouterr().out
+    assert "attention=eager (requested; padding none not used" in capsys.readouterr().out
     assert main(["predict", "--model_name_or_path", str(tmp_path / "run"), "--attn_implementation", "sdpa",
                  "--device", "cpu", "great film"]) == 0
 

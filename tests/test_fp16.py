@@ -115,11 +115,12 @@ def test_fp16_run_on_cpu_learns_and_logs_the_scale(learned):
     assert len(steps) == 72 and all(row["scale"] == 2.0**16 for row in steps)  # no overflow at torch's default
     assert not any(row["skipped"] for row in steps)
     assert all("scale" not in row for row in learned["fp32"][1])  # fp32 has no loss scale to log
-    # measured (seed 42): test accuracy 0.979, train loss 0.695 at step 1, 0.126 on average over the last
-    # epoch (chance: accuracy 0.5, loss ln 2 = 0.693)
+    # measured (seed 42, padding-free batches, the default): train loss 0.69 at step 1, 0.435 on average over the
+    # last epoch in fp16 and in fp32, test accuracy 0.917 in fp32 (chance: accuracy 0.5, loss ln 2 = 0.693); length-grouped padded batches,
+    # the default before: 0.979 and 0.126. Those differ by their dropout draws alone: at dropout 0 both give 0.294
     assert results["accuracy"] >= 0.85
     assert steps[0]["loss"] == pytest.approx(math.log(2), abs=0.02)
-    assert sum(row["loss"] for row in steps[-12:]) / 12 < 0.35
+    assert sum(row["loss"] for row in steps[-12:]) / 12 < 0.5
 
 
 def test_fp16_and_fp32_losses_agree_step_by_step(learned):
