@@ -78,15 +78,20 @@ class Engine:
     def flash_attention_unusable(self) -> str:
         """Why FlashAttention-2 cannot run here, or "" where it can: CUDA, an Ampere+ GPU, bf16/fp16, flash_attn."""
         from transformers.utils import is_flash_attn_2_available
-        return self.varlen_unusable or ("" if is_flash_attn_2_available() else "the flash_attn package is missing")
+        package = "" if is_flash_attn_2_available() else "the flash_attn package is not installed"
+        return self.flash_hardware_unusable or package
 
     @property
     def varlen_unusable(self) -> str:
         """Why torch's varlen_attn (its own FlashAttention-2, no package needed) cannot run here, or "" where it can."""
-        if self.device.type != "cuda" or self.amp_dtype is None or torch.cuda.get_device_capability(self.device)[0] < 8:
-            return "it runs on Ampere+ CUDA GPUs (sm80) in bf16/fp16 only"
-        varlen = importlib.util.find_spec("torch.nn.attention.varlen") is not None
-        return "" if varlen else f"torch {torch.__version__} has no torch.nn.attention.varlen (2.9+ has)"
+        module = importlib.util.find_spec("torch.nn.attention.varlen") is not None
+        return self.flash_hardware_unusable or ("" if module else f"torch {torch.__version__} lacks varlen_attn (2.9+)")
+
+    @property
+    def flash_hardware_unusable(self) -> str:
+        """What both FlashAttention-2 kernels (flash_attn's, torch's varlen_attn) need and this device lacks, or ""."""
+        ampere = self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 8
+        return "" if ampere and self.amp_dtype is not None else "it runs on Ampere+ CUDA GPUs (sm80) in bf16/fp16 only"
 
     @property
     def pin_memory(self) -> bool:
@@ -109,15 +114,13 @@ class Engine:
         if compile:
             # padded lengths are multiples of 64 (data.pad_multiple): at most 8 shapes per batch size, each compiled
             # statically; a padding-free row has any length (its reviews' total): one graph with dynamic shapes
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            limit = torch._dynamo.config.cache_size_limit
+            limit = torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             self.print("engine: compile=on (" + ("dynamic shapes: padding-free rows have any length" if packed else
                        f"static shapes; torch._dynamo's cache_size_limit raised to {limit} for this process: one "
                        "graph per padded length") + ")")
             model = torch.compile(model, dynamic=packed)
         if self.distributed:
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            model = DDP(model, device_ids=device_ids)
+            model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         return model
 
     @staticmethod
@@ -135,9 +138,7 @@ class Engine:
 
     def no_sync(self, model: torch.nn.Module, sync: bool):
         """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulation group."""
-        if self.distributed and not sync:
-            return model.no_sync()
-        return contextlib.nullcontext()
+        return model.no_sync() if self.distributed and not sync else contextlib.nullcontext()
 
     def sum_over_ranks(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss to backpropagate on this rank. DDP averages gradients over ranks; each rank's loss is
@@ -161,8 +162,7 @@ class Engine:
         """True on every rank if `flag` is on any (one got SIGTERM): else the others wait in the next all-reduce."""
         if not self.distributed:
             return flag
-        device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
-        t = torch.tensor([float(flag)], device=device)
+        t = torch.tensor([float(flag)], device=self.device if dist.get_backend() == "nccl" else torch.device("cpu"))
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 

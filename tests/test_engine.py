@@ -172,3 +172,24 @@ def test_print_only_on_rank_zero(capsys):
     Engine(device=torch.device("cpu"), precision="fp32", rank=1, world_size=2).print("hidden")
     Engine(device=torch.device("cpu"), precision="fp32").print("shown")
     assert capsys.readouterr().out == "shown\n"
+
+
+def test_flash_attention_and_varlen_each_need_only_their_own_software(monkeypatch):
+    """Both need an Ampere+ GPU in bf16/fp16; past that, flash_attention_2 needs the flash_attn package alone, and
+    varlen_attn torch's torch.nn.attention.varlen alone (a torch without it must not refuse flash_attn)."""
+    import importlib.util
+
+    import transformers.utils
+
+    from sentiment.engine import Engine
+
+    engine = Engine(device=torch.device("cpu"), precision="bf16")
+    assert engine.flash_attention_unusable == engine.varlen_unusable == engine.flash_hardware_unusable != ""
+    monkeypatch.setattr(Engine, "flash_hardware_unusable", property(lambda self: ""))  # as on an H100 in bf16
+    find_spec = importlib.util.find_spec
+    for flash_attn, varlen in ((True, False), (False, True), (True, True)):
+        monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: flash_attn)
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
+            (find_spec("torch") if varlen else None) if name == "torch.nn.attention.varlen" else find_spec(name, *a)))
+        assert (engine.flash_attention_unusable == "") == flash_attn
+        assert (engine.varlen_unusable == "") == varlen
