@@ -190,10 +190,10 @@ def tokenize_splits(args, tokenizer, raw: dict) -> dict:
     def tokenize_function(examples):
         if args.truncation == "head":
             return tokenizer(examples["text"], padding=padding, truncation=True, max_length=args.max_length)
-        keep = args.max_length - 2  # [CLS] + first 128 + last keep-128 + [SEP], as sentiment.data.truncate_ids
-        ids = [x if len(x) <= keep else x[:128] + x[len(x) - (keep - 128):] for x in
+        from sentiment.data import truncate_ids  # the very tokens `sentiment` trains on: first 128 + last, [CLS] [SEP]
+
+        ids = [truncate_ids(x, args.max_length, "head_tail", tokenizer.cls_token_id, tokenizer.sep_token_id) for x in
                tokenizer(examples["text"], add_special_tokens=False, verbose=False)["input_ids"]]
-        ids = [[tokenizer.cls_token_id, *x, tokenizer.sep_token_id] for x in ids]
         return tokenizer.pad({"input_ids": ids}, padding=padding, max_length=args.max_length)
 
     sizes = {"train": args.n_train, "test": args.n_test}
